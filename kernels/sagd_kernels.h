@@ -1,0 +1,154 @@
+/*
+ * sagd kernels: the per-element work of training, in portable C99.
+ *
+ * Nothing here knows about Python. Every function works on one contiguous run of
+ * elements (a tile of rows, flattened) and may be called without the GIL. Memory is
+ * owned by the caller; no function here allocates anything larger than a few KB of
+ * stack.
+ */
+#ifndef SAGD_KERNELS_H
+#define SAGD_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Storage formats of weights and optimizer state. */
+enum sagd_format {
+    SAGD_FP32 = 0,
+    SAGD_BF16 = 1, /* top half of an fp32: 8 exponent bits, 7 fraction bits */
+    SAGD_FP16 = 2, /* IEEE binary16 */
+    SAGD_INT8 = 3  /* q * scale, q in [-127, 127], one fp32 scale per row */
+};
+
+/*
+ * Where the random bits of one write come from: a stream of 32-bit words,
+ *
+ *     word j = Philox4x32-10(counter = (j / 4, stream, step_lo, step_hi), key = seed)[j % 4]
+ *
+ * Element e of a write takes 16 bits (bf16: half e % 2 of word e / 2, low half first) or
+ * 32 bits (fp16, int8: word e). The bits of an element depend only on (seed, stream,
+ * step, e): not on how the tensor is cut into tiles or threads.
+ * A NULL sagd_rng* means "round to nearest, ties to even".
+ */
+typedef struct {
+    uint64_t seed;
+    uint64_t step;
+    uint32_t stream;
+} sagd_rng;
+
+/* One block of Philox4x32-10 (for tests against the published answers). */
+void sagd_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+
+/* Words first_word .. first_word + n - 1 of the stream of `rng`. */
+void sagd_random_words(const sagd_rng *rng, uint64_t first_word, size_t n, uint32_t *out);
+
+/* n floats uniform in [lo, hi) from words first_word.. of the stream (24 bits each). */
+void sagd_uniform(const sagd_rng *rng, uint64_t first_word, size_t n, float lo, float hi,
+                  float *out);
+
+/*
+ * Round n floats to `fmt` and store the codes (float / uint16 / int8, by fmt) in out.
+ * first_elem is the index of x[0] within its tensor (it selects the random bits).
+ * For SAGD_INT8 the values are q * scale. Stochastic rounding never turns a finite
+ * value into inf: it saturates at the largest finite value. Round-to-nearest matches
+ * IEEE conversion (fp16 as numpy, bf16 as ml_dtypes), overflow included.
+ * Returns the number of non-finite inputs (stored as NaN/inf, or as 0 for int8).
+ */
+int64_t sagd_encode(int fmt, const float *x, size_t n, void *out, float scale,
+                    const sagd_rng *rng, uint64_t first_elem);
+
+/* The fp32 values of n stored codes. */
+void sagd_decode(int fmt, const void *in, size_t n, float scale, float *out);
+
+/* Optimizers. */
+enum sagd_optimizer { SAGD_SGD = 0, SAGD_ADAM = 1 };
+
+/* Phases of one step: a step over K micro-batches is BEGIN, 0, ..., 0, APPLY (K = 1: both). */
+enum sagd_phase { SAGD_BEGIN = 1, SAGD_APPLY = 2 };
+
+typedef struct {
+    int kind;          /* sagd_optimizer */
+    int nesterov;      /* SGD */
+    float lr;
+    float momentum;    /* SGD; 0 means no state */
+    float beta1, beta2, eps;
+    float l2;          /* coupled weight decay: l2 * w is added to the gradient */
+    float decay;       /* decoupled weight decay (AdamW): w -= lr * decay * w */
+    float bc1, bc2;    /* Adam bias corrections 1 / (1 - beta^t) */
+    float vscale;      /* Adam, micro-batching: factor on g^2 (batch weight / micro weight) */
+    float gscale;      /* SGD + Nesterov, micro-batching: estimate of g from the last share */
+} sagd_optim;
+
+/*
+ * One optimizer step on n elements (a tile, flattened).
+ *   w      the current weights as fp32 (decoded)
+ *   g      in: this pass's share of the gradient; out (phase & APPLY): the new weights
+ *   m, v   optimizer state stored in state_fmt (SAGD_FP32 or SAGD_BF16); v only for Adam
+ *   rng_m, rng_v  random bits for the state writes (NULL: nearest)
+ * Math is fp32. A new value that is not finite is never stored: the old value is kept
+ * (in g, the old weight), and the count of such elements is returned.
+ */
+int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const float *w, float *g,
+                        void *m, void *v, int state_fmt, const sagd_rng *rng_m,
+                        const sagd_rng *rng_v, uint64_t first_elem);
+
+/* Activations. */
+enum sagd_activation {
+    SAGD_IDENTITY = 0, SAGD_RELU = 1, SAGD_TANH = 2, SAGD_SIGMOID = 3, SAGD_GELU = 4
+};
+
+/*
+ * z[r, c] += b[c]; a[r, c] = act(z[r, c]) for a rows x cols block (row strides ldz, lda).
+ * a may equal z; gelu's backward needs z, so keep z apart from a for gelu.
+ */
+void sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z, size_t ldz,
+                   float *a, size_t lda);
+
+/* d[r, c] *= act'(.) given a = act(z) (relu, tanh, sigmoid) or z (gelu). */
+void sagd_act_backward(int act, size_t rows, size_t cols, const float *z, const float *a,
+                       size_t ld, float *d, size_t ldd);
+
+/* db[c] = sum over rows of g[r, c] (fixed order: deterministic). */
+void sagd_column_sums(size_t rows, size_t cols, const float *g, size_t ldg, float *db);
+
+/*
+ * Losses, computed stably in fp32 on a block of `rows` samples. Each returns the
+ * weighted sum of per-sample losses (sum w_i * l_i, in double) and, when grad != 0,
+ * overwrites z with the gradient w_i * scale * dl_i/dz. w may be NULL (all ones).
+ */
+double sagd_softmax_xent(size_t rows, size_t k, float *z, size_t ldz, const int32_t *y,
+                         const float *w, float scale, int grad);
+double sagd_sigmoid_xent(size_t rows, float *z, size_t ldz, const int32_t *y, const float *w,
+                         float scale, int grad);
+double sagd_squared_error(size_t rows, size_t k, float *z, size_t ldz, const float *y,
+                          size_t ldy, const float *w, float scale, int grad);
+
+/* In place: rows of z become softmax probabilities (finite, summing to 1). */
+void sagd_softmax(size_t rows, size_t k, float *z, size_t ldz);
+/* In place: z becomes sigmoid(z). */
+void sagd_sigmoid(size_t n, float *z);
+
+/*
+ * A keyed pseudo-random permutation of [0, n) without an index array: out[j] is the
+ * position of index first + j. Distinct (seed, round) give independent permutations.
+ */
+void sagd_permute(uint64_t n, uint64_t seed, uint32_t round, uint64_t first, size_t count,
+                  int64_t *out);
+
+/* Implementation selection and threads. */
+enum sagd_simd { SAGD_SIMD_GENERIC = 0, SAGD_SIMD_AVX2 = 1 };
+int sagd_simd_available(int level);   /* 1 if this CPU and build can run `level` */
+int sagd_simd_select(int level);      /* returns the level now in use */
+int sagd_simd_current(void);
+int sagd_openmp_enabled(void);
+void sagd_set_threads(int n);         /* <= 0: as many as the OpenMP runtime offers */
+int sagd_get_threads(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SAGD_KERNELS_H */
