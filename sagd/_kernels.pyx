@@ -396,6 +396,14 @@ cdef class Step:
         self.opt.gscale = v
 
     @property
+    def beta1(self):
+        return self.opt.beta1
+
+    @property
+    def beta2(self):
+        return self.opt.beta2
+
+    @property
     def begins(self):
         return bool(self.phase & SAGD_BEGIN)
 
