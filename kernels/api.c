@@ -201,7 +201,7 @@ static uint64_t feistel(uint64_t x, int half, uint32_t k0, uint32_t k1, uint32_t
     return (l << half) | r;
 }
 
-void sagd_permute(uint64_t n, uint64_t seed, uint32_t round, uint64_t first, size_t count,
+void sagd_permute(uint64_t n, uint64_t seed, uint32_t round, const int64_t *in, size_t count,
                   int64_t *out)
 {
     int bits = 2, half;
@@ -211,7 +211,7 @@ void sagd_permute(uint64_t n, uint64_t seed, uint32_t round, uint64_t first, siz
     half = bits / 2;
     for (j = 0; j < count; j++) {
         /* Cycle-walk: apply the permutation of [0, 2^bits) until the value falls in [0, n). */
-        uint64_t y = feistel(first + j, half, (uint32_t)seed, (uint32_t)(seed >> 32), round);
+        uint64_t y = feistel((uint64_t)in[j], half, (uint32_t)seed, (uint32_t)(seed >> 32), round);
         while (y >= n)
             y = feistel(y, half, (uint32_t)seed, (uint32_t)(seed >> 32), round);
         out[j] = (int64_t)y;

@@ -133,10 +133,11 @@ void sagd_softmax(size_t rows, size_t k, float *z, size_t ldz);
 void sagd_sigmoid(size_t n, float *z);
 
 /*
- * A keyed pseudo-random permutation of [0, n) without an index array: out[j] is the
- * position of index first + j. Distinct (seed, round) give independent permutations.
+ * A keyed pseudo-random permutation of [0, n) that needs no index array:
+ * out[j] = perm(in[j]) for indices in [0, n) (in may equal out). Distinct (seed, round)
+ * give independent permutations.
  */
-void sagd_permute(uint64_t n, uint64_t seed, uint32_t round, uint64_t first, size_t count,
+void sagd_permute(uint64_t n, uint64_t seed, uint32_t round, const int64_t *in, size_t count,
                   int64_t *out);
 
 /* Implementation selection and threads. */

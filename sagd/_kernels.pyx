@@ -54,8 +54,8 @@ cdef extern from "sagd_kernels.h" nogil:
                               size_t ldy, const float *w, float scale, int grad)
     void sagd_softmax(size_t rows, size_t k, float *z, size_t ldz)
     void sagd_sigmoid(size_t n, float *z)
-    void sagd_permute(uint64_t n, uint64_t seed, uint32_t round, uint64_t first, size_t count,
-                      int64_t *out)
+    void sagd_permute(uint64_t n, uint64_t seed, uint32_t round, const int64_t *inp,
+                      size_t count, int64_t *out)
     int sagd_simd_available(int level)
     int sagd_simd_select(int level)
     int sagd_simd_current()
@@ -148,13 +148,16 @@ def uniform_fill(float[::1] out, float lo, float hi, uint64_t seed, uint32_t str
             sagd_uniform(&r, first_word, out.shape[0], lo, hi, &out[0])
 
 
-def permutation(uint64_t n, uint64_t seed, uint32_t round, uint64_t first, int64_t[::1] out):
-    """out[j] = position of first + j in the permutation of [0, n) keyed by (seed, round)."""
-    if first + out.shape[0] > n:
-        raise ValueError(f"indices {first}..{first + out.shape[0]} exceed n={n}")
-    if out.shape[0]:
+def permute(uint64_t n, uint64_t seed, uint32_t round, int64_t[::1] idx):
+    """In place: idx[j] = perm(idx[j]), perm the permutation of [0, n) keyed by
+    (seed, round). Every index must lie in [0, n)."""
+    cdef Py_ssize_t j
+    for j in range(idx.shape[0]):
+        if idx[j] < 0 or <uint64_t>idx[j] >= n:
+            raise ValueError(f"index {idx[j]} is outside 0..{n - 1}")
+    if idx.shape[0]:
         with nogil:
-            sagd_permute(n, seed, round, first, out.shape[0], &out[0])
+            sagd_permute(n, seed, round, &idx[0], idx.shape[0], &idx[0])
 
 
 # ------------------------------------------------------------------ formats
@@ -570,7 +573,7 @@ def dense_forward(const float[:, :] a, Stored W, Stored b, float[:, ::1] z, floa
 
 def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Stored b,
                    Stored mW, Stored vW, Stored mb, Stored vb, Step step,
-                   Py_ssize_t tile_rows, float[::1] scratch):
+                   Py_ssize_t tile_rows, float[::1] scratch, Step bias_step=None):
     """Backward pass of z = a @ W^T + b and the fused update, tile_rows rows of W at a time.
 
     g: dL/dz (B x n_out); a: the layer input (B x n_in); dA: None, or a float32 (B x n_in)
@@ -578,8 +581,11 @@ def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Store
     step's update. For each tile R: W[R] is decoded, dA += g[:, R] @ W[R], dW = g[:, R]^T a
     and db = sum of g[:, R] go to scratch, then the optimizer updates the states and (when
     the step applies) rounds the new weights into W[R]. No buffer the size of W exists.
+    bias_step (default: step) updates the biases, e.g. without weight decay.
     Returns the number of elements whose update was not finite (and was not stored).
     """
+    if bias_step is None:
+        bias_step = step
     cdef Py_ssize_t B = g.shape[0], n_in = W.cols, n_out = W.rows, r0, r1, T
     T = min(max(tile_rows, 1), n_out)
     _check_layer(W, b)
@@ -639,7 +645,7 @@ def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Store
                 else:
                     b.decode_rows(r0, r1, bbuf)
                     bias = bbuf
-                bad += step.update(b, r0, r1, bias, dbbuf, mb, vb)
+                bad += bias_step.update(b, r0, r1, bias, dbbuf, mb, vb)
             r0 = r1
     return bad
 
