@@ -3,6 +3,7 @@ own fp32 buffers. X and y are never copied whole (they may be memmaps larger tha
 every pass over them goes through buffers the memory plan counted.
 """
 import numbers
+import sys
 
 import numpy as np
 
@@ -13,11 +14,11 @@ _GATHER_DTYPES = {np.dtype(t) for t in (np.float64, np.float32, np.int64, np.int
 
 
 def _sparse_kind(X):
-    try:
-        import scipy.sparse as sp
-    except ImportError:     # pragma: no cover - scipy is a dependency
-        return None
-    return X.format if sp.issparse(X) else None
+    """The scipy.sparse format of X, or None. A sparse matrix can only exist once
+    scipy.sparse is imported, so this never imports it (an import inside fit would be
+    memory the budget pays for)."""
+    sp = sys.modules.get("scipy.sparse")
+    return X.format if sp is not None and sp.issparse(X) else None
 
 
 def as_matrix(X, name="X"):
@@ -81,9 +82,7 @@ def check_finite(X, buf, name="X"):
         hit = _kernels.first_nonfinite(block)
         if hit is not None:
             r, c = s + hit[0], hit[1]
-            v = X[r, c]
-            if hasattr(v, "toarray") or _sparse_kind(X):
-                v = X[r].toarray()[0, c]
+            v = plain(X[r].toarray()[0, c] if _sparse_kind(X) else X[r, c])
             if np.isfinite(v):
                 raise ValueError(f"{name}[{r}, {c}] = {v!r} is too large for float32; scale "
                                  f"the input (e.g. with StandardScaler)")
@@ -120,14 +119,19 @@ def check_sample_weight(sample_weight, n):
         raise ValueError(f"sample_weight must be numeric, got dtype {w.dtype}")
     bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
     if bad.size:
-        raise ValueError(f"sample_weight[{bad[0]}] = {w[bad[0]]!r}; weights must be finite "
-                         "and non-negative")
+        raise ValueError(f"sample_weight[{bad[0]}] = {plain(w[bad[0]])!r}; weights must be "
+                         "finite and non-negative")
     if not np.any(w > 0):
         raise ValueError("sample_weight is zero everywhere; nothing to learn from")
     return w
 
 
 # ---------------------------------------------------------------------- labels
+
+
+def plain(v):
+    """A numpy scalar as the Python value it holds (for messages: 3, not np.int64(3))."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def _label_kind(dtype):
@@ -150,7 +154,8 @@ def find_classes(y, chunk):
                 raise ValueError("y contains a missing label (None or NaN)")
         elif part.dtype.kind == "f" and not np.all(np.isfinite(part)):
             bad = s + int(np.flatnonzero(~np.isfinite(part))[0])
-            raise ValueError(f"y contains {y[bad]!r} at row {bad}; labels must be finite")
+            raise ValueError(f"y contains {plain(y[bad])!r} at row {bad}; labels must be "
+                             "finite")
         u = np.unique(part)
         classes = u if classes is None else np.union1d(classes, u)
     return classes
@@ -164,9 +169,9 @@ def encode_labels(labels, classes, out):
     pos = np.minimum(pos, classes.shape[0] - 1)
     miss = classes[pos] != labels
     if np.any(miss):
-        bad = labels[int(np.flatnonzero(miss)[0])]
+        bad = plain(labels[int(np.flatnonzero(miss)[0])])
         raise ValueError(f"y contains the label {bad!r}, which is not one of the classes "
-                         f"{list(classes)}")
+                         f"{classes.tolist()}")
     out[:m] = pos
     return out[:m]
 

@@ -8,7 +8,7 @@ import numpy as np
 from . import _kernels
 from .budget import Spec, parse_budget, plan_fit, plan_predict
 from .data import (as_matrix, as_targets, check_finite, check_labels_known,
-                   check_regression_targets, check_sample_weight, find_classes, gather)
+                   check_regression_targets, check_sample_weight, find_classes, gather, plain)
 from .formats import FORMATS, ROUNDING, STATE_FORMATS, check_choice
 from .network import ACTIVATIONS, Network
 from .optim import Optimizer
@@ -235,7 +235,7 @@ class Model:
             else:
                 classes = np.unique(np.asarray(classes))
             if classes.shape[0] < 2:
-                c = classes[0] if classes.shape[0] else None
+                c = plain(classes[0]) if classes.shape[0] else None
                 raise ValueError(f"y has a single class, {c!r} (dtype {y.dtype}); a "
                                  "classifier needs at least 2")
             n_out = 1 if classes.shape[0] == 2 else classes.shape[0]
@@ -331,7 +331,7 @@ class Model:
             gather(X, idx[:m], buf.x)
             hit = _kernels.first_nonfinite(buf.x[:m])
             if hit is not None:
-                v = X[start + hit[0], hit[1]] if isinstance(X, np.ndarray) else "a value"
+                v = plain(X[start + hit[0], hit[1]]) if isinstance(X, np.ndarray) else "a value"
                 raise ValueError(f"X contains {v!r} at row {start + hit[0]}, column {hit[1]}"
                                  "; sagd needs finite values of float32 range")
             logits = self.network.forward_predict(buf, m)
