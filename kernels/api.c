@@ -1,6 +1,6 @@
 /*
  * Public entry points of the hot kernels: choose the SIMD implementation at run time and
- * split long runs across OpenMP threads. Work is cut at fixed element offsets and every
+ * split long runs across sagd's threads. Work is cut at fixed element offsets and every
  * element's random bits come from its own counter, so results do not depend on the
  * number of threads.
  */
@@ -9,10 +9,7 @@
 
 #include "hot.h"
 #include "philox.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "threads.h"
 
 typedef struct {
     void (*random_words)(const sagd_rng *, uint64_t, size_t, uint32_t *);
@@ -62,32 +59,30 @@ int sagd_simd_select(int level)
 
 int sagd_simd_current(void) { return impl_level; }
 
-/* ---------------------------------------------------------------- threads */
-
-static int n_threads = 0;
-
-int sagd_openmp_enabled(void)
-{
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-void sagd_set_threads(int n) { n_threads = n > 0 ? n : 0; }
-
-int sagd_get_threads(void)
-{
-#ifdef _OPENMP
-    return n_threads > 0 ? n_threads : omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 /* Elements per unit of parallel work: a multiple of 2, so 16-bit pairs never straddle. */
 #define PAR_CHUNK 16384
+
+static size_t elem_size(int fmt)
+{
+    return fmt == SAGD_FP32 ? 4 : (fmt == SAGD_INT8 ? 1 : 2);
+}
+
+static long n_chunks(size_t n) { return (long)((n + PAR_CHUNK - 1) / PAR_CHUNK); }
+
+static size_t chunk_len(size_t n, long c)
+{
+    size_t off = (size_t)c * PAR_CHUNK;
+    return n - off < PAR_CHUNK ? n - off : PAR_CHUNK;
+}
+
+static int64_t sum_partials(const int64_t *partial)
+{
+    int64_t s = 0;
+    int t;
+    for (t = 0; t < SAGD_MAX_THREADS; t++)
+        s += partial[t];
+    return s;
+}
 
 /* ---------------------------------------------------------------- entry points */
 
@@ -115,64 +110,112 @@ void sagd_uniform(const sagd_rng *rng, uint64_t first_word, size_t n, float lo, 
     }
 }
 
-static size_t elem_size(int fmt)
+typedef struct {
+    int fmt;
+    const float *x;
+    size_t n;
+    char *out;
+    float scale;
+    const sagd_rng *rng;
+    uint64_t first;
+    int64_t partial[SAGD_MAX_THREADS];
+} encode_job;
+
+static void encode_chunk(void *ctx, long c, int thread)
 {
-    return fmt == SAGD_FP32 ? 4 : (fmt == SAGD_INT8 ? 1 : 2);
+    encode_job *j = (encode_job *)ctx;
+    size_t off = (size_t)c * PAR_CHUNK;
+    j->partial[thread] += impl->encode(j->fmt, j->x + off, chunk_len(j->n, c),
+                                       j->out + off * elem_size(j->fmt), j->scale, j->rng,
+                                       j->first + off);
 }
 
 int64_t sagd_encode(int fmt, const float *x, size_t n, void *out, float scale,
                     const sagd_rng *rng, uint64_t first_elem)
 {
-    const long chunks = (long)((n + PAR_CHUNK - 1) / PAR_CHUNK);
-    const size_t esz = elem_size(fmt);
-    int64_t bad = 0;
-    long c;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) reduction(+ : bad) num_threads(sagd_get_threads()) \
-    if (chunks > 1)
-#endif
-    for (c = 0; c < chunks; c++) {
-        size_t off = (size_t)c * PAR_CHUNK, len = n - off < PAR_CHUNK ? n - off : PAR_CHUNK;
-        bad += impl->encode(fmt, x + off, len, (char *)out + off * esz, scale, rng,
-                            first_elem + off);
-    }
-    return bad;
+    encode_job j;
+    memset(&j, 0, sizeof j);
+    j.fmt = fmt;
+    j.x = x;
+    j.n = n;
+    j.out = (char *)out;
+    j.scale = scale;
+    j.rng = rng;
+    j.first = first_elem;
+    sagd_parallel(n_chunks(n), encode_chunk, &j);
+    return sum_partials(j.partial);
+}
+
+typedef struct {
+    int fmt;
+    const char *in;
+    size_t n;
+    float scale;
+    float *out;
+} decode_job;
+
+static void decode_chunk(void *ctx, long c, int thread)
+{
+    decode_job *j = (decode_job *)ctx;
+    size_t off = (size_t)c * PAR_CHUNK;
+    (void)thread;
+    impl->decode(j->fmt, j->in + off * elem_size(j->fmt), chunk_len(j->n, c), j->scale,
+                 j->out + off);
 }
 
 void sagd_decode(int fmt, const void *in, size_t n, float scale, float *out)
 {
-    const long chunks = (long)((n + PAR_CHUNK - 1) / PAR_CHUNK);
-    const size_t esz = elem_size(fmt);
-    long c;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(sagd_get_threads()) if (chunks > 1)
-#endif
-    for (c = 0; c < chunks; c++) {
-        size_t off = (size_t)c * PAR_CHUNK, len = n - off < PAR_CHUNK ? n - off : PAR_CHUNK;
-        impl->decode(fmt, (const char *)in + off * esz, len, scale, out + off);
-    }
+    decode_job j;
+    j.fmt = fmt;
+    j.in = (const char *)in;
+    j.n = n;
+    j.scale = scale;
+    j.out = out;
+    sagd_parallel(n_chunks(n), decode_chunk, &j);
+}
+
+typedef struct {
+    const sagd_optim *opt;
+    int phase;
+    size_t n;
+    const float *w;
+    float *g;
+    char *m, *v;
+    int state_fmt;
+    const sagd_rng *rng_m, *rng_v;
+    uint64_t first;
+    int64_t partial[SAGD_MAX_THREADS];
+} optim_job;
+
+static void optim_chunk(void *ctx, long c, int thread)
+{
+    optim_job *j = (optim_job *)ctx;
+    size_t off = (size_t)c * PAR_CHUNK, esz = elem_size(j->state_fmt);
+    j->partial[thread] += impl->optim_step(
+        j->opt, j->phase, chunk_len(j->n, c), j->w + off, j->g + off,
+        j->m ? j->m + off * esz : NULL, j->v ? j->v + off * esz : NULL, j->state_fmt,
+        j->rng_m, j->rng_v, j->first + off);
 }
 
 int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const float *w, float *g,
                         void *m, void *v, int state_fmt, const sagd_rng *rng_m,
                         const sagd_rng *rng_v, uint64_t first_elem)
 {
-    const long chunks = (long)((n + PAR_CHUNK - 1) / PAR_CHUNK);
-    const size_t esz = elem_size(state_fmt);
-    int64_t bad = 0;
-    long c;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) reduction(+ : bad) num_threads(sagd_get_threads()) \
-    if (chunks > 1)
-#endif
-    for (c = 0; c < chunks; c++) {
-        size_t off = (size_t)c * PAR_CHUNK, len = n - off < PAR_CHUNK ? n - off : PAR_CHUNK;
-        bad += impl->optim_step(opt, phase, len, w + off, g + off,
-                                m ? (char *)m + off * esz : NULL,
-                                v ? (char *)v + off * esz : NULL, state_fmt, rng_m, rng_v,
-                                first_elem + off);
-    }
-    return bad;
+    optim_job j;
+    memset(&j, 0, sizeof j);
+    j.opt = opt;
+    j.phase = phase;
+    j.n = n;
+    j.w = w;
+    j.g = g;
+    j.m = (char *)m;
+    j.v = (char *)v;
+    j.state_fmt = state_fmt;
+    j.rng_m = rng_m;
+    j.rng_v = rng_v;
+    j.first = first_elem;
+    sagd_parallel(n_chunks(n), optim_chunk, &j);
+    return sum_partials(j.partial);
 }
 
 /* ---------------------------------------------------------------- permutation */

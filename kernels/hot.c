@@ -182,17 +182,14 @@ static const uint16_t *bits16(const sagd_rng *rng, uint64_t e0, size_t n,
 
 static inline uint16_t bf16_from(float x, uint32_t r16, int stochastic)
 {
-    uint32_t b = f2u(x), sign = (b >> 16) & 0x8000u, mag = b & 0x7fffffffu, h;
-    if (stochastic) {
-        /* The low 16 bits f are exactly the fraction between the two neighbours; the
-           carry happens iff r16 < f, the rule every format follows (up iff u < frac). */
-        h = (mag + (r16 ^ 0xFFFFu)) >> 16;
-        h = h > 0x7f7fu ? 0x7f7fu : h;
-    } else {
-        h = (mag + 0x7fffu + ((mag >> 16) & 1u)) >> 16;
-    }
-    if (mag >= 0x7f800000u)
-        h = mag == 0x7f800000u ? 0x7f80u : 0x7fc0u;
+    const uint32_t b = f2u(x), sign = (b >> 16) & 0x8000u, mag = b & 0x7fffffffu;
+    /* Stochastic: the low 16 bits f are exactly the fraction between the two neighbours,
+       and the carry happens iff r16 < f, the rule of every format (up iff u < frac).
+       Nearest: ties to even. Written without branches, so loops vectorize. */
+    const uint32_t add = stochastic ? (r16 ^ 0xFFFFu) : 0x7fffu + ((mag >> 16) & 1u);
+    uint32_t h = (mag + add) >> 16;
+    h = (stochastic && h > 0x7f7fu) ? 0x7f7fu : h;
+    h = mag > 0x7f800000u ? 0x7fc0u : (mag == 0x7f800000u ? 0x7f80u : h);
     return (uint16_t)(sign | h);
 }
 
@@ -229,11 +226,10 @@ static inline uint16_t fp16_from(float x, uint32_t r, int stochastic)
 
 static inline float fp16_to(uint16_t h)
 {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    uint32_t bits = e == 0x1f ? (0x7f800000u | (m << 13)) : (((e + 112u) << 23) | (m << 13));
-    if (e == 0) /* subnormal: m * 2^-24, exact in fp32 */
-        bits = f2u((float)m * 5.9604644775390625e-8f);
-    return u2f(sign | bits);
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    const uint32_t normal = e == 0x1f ? (0x7f800000u | (m << 13)) : (((e + 112u) << 23) | (m << 13));
+    const uint32_t subnormal = f2u((float)m * 5.9604644775390625e-8f); /* m * 2^-24, exact */
+    return u2f(sign | (e == 0 ? subnormal : normal));
 }
 
 static inline int8_t int8_from(float x, float scale, uint32_t r, int stochastic)
@@ -334,15 +330,17 @@ static inline float state_load(const void *p, int fmt, size_t i)
     return fmt == SAGD_FP32 ? ((const float *)p)[i] : bf16_to(((const uint16_t *)p)[i]);
 }
 
-/* Store x in slot i if ok, else leave the slot alone. */
+/* Store x in slot i if ok, else leave the slot alone. The old value is read either way,
+   so the choice is a blend and the loop vectorizes. */
 static inline void state_store(void *p, int fmt, size_t i, float x, uint32_t r16, int sr, int ok)
 {
     if (fmt == SAGD_FP32) {
-        float *f = (float *)p;
-        f[i] = ok ? x : f[i];
+        float *f = (float *)p, old = f[i];
+        f[i] = ok ? x : old;
     } else {
-        uint16_t *h = (uint16_t *)p;
-        h[i] = ok ? bf16_from(x, r16, sr) : h[i];
+        uint16_t *h = (uint16_t *)p, old = h[i];
+        uint16_t nw = bf16_from(x, r16, sr);
+        h[i] = ok ? nw : old;
     }
 }
 
@@ -384,13 +382,14 @@ static inline int64_t sgd_chunk(const sagd_optim *o, int begin, int apply, size_
     const float mu = o->momentum, lr = o->lr, l2 = begin ? o->l2 : 0.0f;
     const float decay = begin || m != NULL ? o->decay : 0.0f;
     const float keep = begin ? mu : 1.0f, gs = o->gscale;
+    const int nesterov = o->nesterov;
     int64_t bad = 0;
     size_t i;
     if (m == NULL) { /* plain SGD: every pass applies its share */
         for (i = 0; i < n; i++) {
             float wi = w[i], wn = wi - lr * (g[i] + l2 * wi + decay * wi);
             int ok = finite_f(wn);
-            g[i] = ok ? wn : wi;
+            g[i] = ok ? wn : wi;  /* wi was read: a blend, not a branch */
             bad += !ok;
         }
         return bad;
@@ -398,7 +397,7 @@ static inline int64_t sgd_chunk(const sagd_optim *o, int begin, int apply, size_
     for (i = 0; i < n; i++) {
         float wi = w[i], gi = g[i] + l2 * wi;
         float mn = keep * state_load(m, sfmt, i) + gi;
-        float step = o->nesterov ? gs * gi + mu * mn : mn;
+        float step = nesterov ? gs * gi + mu * mn : mn;
         float wn = wi - lr * (step + decay * wi);
         int ok = finite_f(mn) & (apply ? finite_f(wn) : 1);
         state_store(m, sfmt, i, mn, sr ? rm[i] : 0, sr, ok);

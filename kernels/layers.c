@@ -2,6 +2,7 @@
 #include <math.h>
 
 #include "sagd_kernels.h"
+#include "threads.h"
 
 #define SQRT1_2 0.70710678118654752440f
 #define INV_SQRT_2PI 0.39894228040143267794f
@@ -24,59 +25,77 @@ static inline float activate(int act, float v)
     }
 }
 
-void sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z, size_t ldz,
-                   float *a, size_t lda)
+/* Rows per unit of parallel work: about 64K elements, so small layers stay on one thread. */
+static size_t rows_per_chunk(size_t cols) { return cols >= 65536 ? 1 : 65536 / (cols ? cols : 1); }
+
+typedef struct {
+    int act;
+    size_t rows, cols, ldz, lda, ldd, step;
+    const float *b, *z_in, *a_in;
+    float *z, *a, *d;
+} rows_job;
+
+static void bias_act_rows(void *ctx, long chunk, int thread)
 {
-    long r;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(sagd_get_threads()) \
-    if (rows * cols > 65536)
-#endif
-    for (r = 0; r < (long)rows; r++) {
-        float *zr = z + (size_t)r * ldz, *ar = a + (size_t)r * lda;
-        size_t c;
-        if (b != NULL)
-            for (c = 0; c < cols; c++)
-                zr[c] += b[c];
-        if (act == SAGD_RELU) { /* the common case, kept vectorizable */
-            for (c = 0; c < cols; c++)
+    rows_job *j = (rows_job *)ctx;
+    size_t r0 = (size_t)chunk * j->step, r1 = r0 + j->step < j->rows ? r0 + j->step : j->rows;
+    size_t r, c;
+    (void)thread;
+    for (r = r0; r < r1; r++) {
+        float *zr = j->z + r * j->ldz, *ar = j->a + r * j->lda;
+        if (j->b != NULL)
+            for (c = 0; c < j->cols; c++)
+                zr[c] += j->b[c];
+        if (j->act == SAGD_RELU) { /* the common case, kept vectorizable */
+            for (c = 0; c < j->cols; c++)
                 ar[c] = zr[c] > 0.0f ? zr[c] : 0.0f;
-        } else if (act != SAGD_IDENTITY || ar != zr) {
-            for (c = 0; c < cols; c++)
-                ar[c] = activate(act, zr[c]);
+        } else if (j->act != SAGD_IDENTITY || ar != zr) {
+            for (c = 0; c < j->cols; c++)
+                ar[c] = activate(j->act, zr[c]);
         }
     }
 }
 
-void sagd_act_backward(int act, size_t rows, size_t cols, const float *z, const float *a,
-                       size_t ld, float *d, size_t ldd)
+void sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z, size_t ldz,
+                   float *a, size_t lda)
 {
-    long r;
-    if (act == SAGD_IDENTITY)
-        return;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(sagd_get_threads()) \
-    if (rows * cols > 65536)
-#endif
-    for (r = 0; r < (long)rows; r++) {
-        const float *ar = a + (size_t)r * ld, *zr = z + (size_t)r * ld;
-        float *dr = d + (size_t)r * ldd;
-        size_t c;
-        switch (act) {
+    rows_job j;
+    j.act = act;
+    j.rows = rows;
+    j.cols = cols;
+    j.b = b;
+    j.z = z;
+    j.ldz = ldz;
+    j.a = a;
+    j.lda = lda;
+    j.step = rows_per_chunk(cols);
+    sagd_parallel((long)((rows + j.step - 1) / j.step), bias_act_rows, &j);
+}
+
+static void act_backward_rows(void *ctx, long chunk, int thread)
+{
+    rows_job *j = (rows_job *)ctx;
+    size_t r0 = (size_t)chunk * j->step, r1 = r0 + j->step < j->rows ? r0 + j->step : j->rows;
+    size_t r, c;
+    (void)thread;
+    for (r = r0; r < r1; r++) {
+        const float *ar = j->a_in + r * j->lda, *zr = j->z_in + r * j->lda;
+        float *dr = j->d + r * j->ldd;
+        switch (j->act) {
         case SAGD_RELU:
-            for (c = 0; c < cols; c++)
+            for (c = 0; c < j->cols; c++)
                 dr[c] = ar[c] > 0.0f ? dr[c] : 0.0f;
             break;
         case SAGD_TANH:
-            for (c = 0; c < cols; c++)
+            for (c = 0; c < j->cols; c++)
                 dr[c] *= 1.0f - ar[c] * ar[c];
             break;
         case SAGD_SIGMOID:
-            for (c = 0; c < cols; c++)
+            for (c = 0; c < j->cols; c++)
                 dr[c] *= ar[c] * (1.0f - ar[c]);
             break;
         case SAGD_GELU:
-            for (c = 0; c < cols; c++) {
+            for (c = 0; c < j->cols; c++) {
                 float v = zr[c];
                 float cdf = 0.5f * (1.0f + erff(v * SQRT1_2));
                 dr[c] *= cdf + v * INV_SQRT_2PI * expf(-0.5f * v * v);
@@ -86,6 +105,24 @@ void sagd_act_backward(int act, size_t rows, size_t cols, const float *z, const 
             break;
         }
     }
+}
+
+void sagd_act_backward(int act, size_t rows, size_t cols, const float *z, const float *a,
+                       size_t ld, float *d, size_t ldd)
+{
+    rows_job j;
+    if (act == SAGD_IDENTITY)
+        return;
+    j.act = act;
+    j.rows = rows;
+    j.cols = cols;
+    j.z_in = z;
+    j.a_in = a;
+    j.lda = ld;
+    j.d = d;
+    j.ldd = ldd;
+    j.step = rows_per_chunk(cols);
+    sagd_parallel((long)((rows + j.step - 1) / j.step), act_backward_rows, &j);
 }
 
 void sagd_column_sums(size_t rows, size_t cols, const float *g, size_t ldg, float *db)

@@ -145,9 +145,12 @@ enum sagd_simd { SAGD_SIMD_GENERIC = 0, SAGD_SIMD_AVX2 = 1 };
 int sagd_simd_available(int level);   /* 1 if this CPU and build can run `level` */
 int sagd_simd_select(int level);      /* returns the level now in use */
 int sagd_simd_current(void);
-int sagd_openmp_enabled(void);
-void sagd_set_threads(int n);         /* <= 0: as many as the OpenMP runtime offers */
+
+/* sagd's own threads (BLAS has its own). Call sagd_threads_init once, before any kernel. */
+void sagd_threads_init(void);
+void sagd_set_threads(int n);         /* <= 0: one per available core */
 int sagd_get_threads(void);
+int sagd_openmp_enabled(void);        /* 0: the pool is not OpenMP (see threads.c) */
 
 #ifdef __cplusplus
 }

@@ -60,6 +60,7 @@ cdef extern from "sagd_kernels.h" nogil:
     int sagd_simd_select(int level)
     int sagd_simd_current()
     int sagd_openmp_enabled()
+    void sagd_threads_init()
     void sagd_set_threads(int n)
     int sagd_get_threads()
 
@@ -89,10 +90,6 @@ def use_simd(name):
 
 def current_simd():
     return {v: k for k, v in SIMD_LEVELS.items()}[sagd_simd_current()]
-
-
-def openmp_enabled():
-    return bool(sagd_openmp_enabled())
 
 
 def set_num_threads(int n):
@@ -838,4 +835,5 @@ def _select_default_simd():
         sagd_simd_select(SAGD_SIMD_AVX2)
 
 
+sagd_threads_init()
 _select_default_simd()

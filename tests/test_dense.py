@@ -175,7 +175,8 @@ def test_update_agrees_across_tile_sizes(fmt):
         else:
             tol = grid * np.maximum(np.abs(W0), 1e-3)
         assert np.all(np.abs(w - W0) <= tol)
-        assert np.mean(w == W0) > 0.95
+        if fmt != "fp32":   # fp32 keeps every last-bit difference of the sums
+            assert np.mean(w == W0) > 0.95
         np.testing.assert_allclose(res[-1], runs[0][1][-1], rtol=1e-5, atol=1e-6)
 
 

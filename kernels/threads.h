@@ -1,0 +1,18 @@
+/* sagd's worker threads (internal to kernels/). */
+#ifndef SAGD_THREADS_H
+#define SAGD_THREADS_H
+
+/* Work on chunk `chunk` as thread `thread` (0 .. threads - 1). */
+typedef void (*sagd_chunk_fn)(void *ctx, long chunk, int thread);
+
+/* Most threads a parallel region uses (sizes per-thread partial results). */
+#define SAGD_MAX_THREADS 64
+
+/*
+ * fn(ctx, c, t) for every chunk c in [0, n_chunks), chunk c on thread c % T, where
+ * T = min(sagd_get_threads(), n_chunks). The calling thread is thread 0. Returns when all
+ * chunks are done. If another call is already using the pool, this one runs inline.
+ */
+void sagd_parallel(long n_chunks, sagd_chunk_fn fn, void *ctx);
+
+#endif
