@@ -1,5 +1,6 @@
 /* Bias, activations and their derivatives for dense layers, on blocks of rows. */
 #include <math.h>
+#include <string.h>
 
 #include "sagd_kernels.h"
 #include "threads.h"
@@ -33,19 +34,34 @@ typedef struct {
     size_t rows, cols, ldz, lda, ldd, step;
     const float *b, *z_in, *a_in;
     float *z, *a, *d;
+    int64_t bad[SAGD_MAX_THREADS];
 } rows_job;
+
+/* Pre-activations past 2^64: their products with gradients, squared by Adam, no longer
+   fit in fp32. Training stops there, before any update, rather than a step later. */
+#define SAGD_ACTIVATION_LIMIT 1.8446744073709552e19f
+
+static inline int64_t count_out_of_range(const float *x, size_t n)
+{
+    int64_t bad = 0;
+    size_t i;
+    for (i = 0; i < n; i++)
+        bad += !(fabsf(x[i]) < SAGD_ACTIVATION_LIMIT); /* NaN fails the test too */
+    return bad;
+}
 
 static void bias_act_rows(void *ctx, long chunk, int thread)
 {
     rows_job *j = (rows_job *)ctx;
     size_t r0 = (size_t)chunk * j->step, r1 = r0 + j->step < j->rows ? r0 + j->step : j->rows;
     size_t r, c;
-    (void)thread;
     for (r = r0; r < r1; r++) {
         float *zr = j->z + r * j->ldz, *ar = j->a + r * j->lda;
         if (j->b != NULL)
             for (c = 0; c < j->cols; c++)
                 zr[c] += j->b[c];
+        /* relu would turn NaN and -inf into 0 and hide an overflow: count them first */
+        j->bad[thread] += count_out_of_range(zr, j->cols);
         if (j->act == SAGD_RELU) { /* the common case, kept vectorizable */
             for (c = 0; c < j->cols; c++)
                 ar[c] = zr[c] > 0.0f ? zr[c] : 0.0f;
@@ -56,10 +72,13 @@ static void bias_act_rows(void *ctx, long chunk, int thread)
     }
 }
 
-void sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z, size_t ldz,
-                   float *a, size_t lda)
+int64_t sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z,
+                      size_t ldz, float *a, size_t lda)
 {
     rows_job j;
+    int64_t bad = 0;
+    int t;
+    memset(&j, 0, sizeof j);
     j.act = act;
     j.rows = rows;
     j.cols = cols;
@@ -70,6 +89,9 @@ void sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z, 
     j.lda = lda;
     j.step = rows_per_chunk(cols);
     sagd_parallel((long)((rows + j.step - 1) / j.step), bias_act_rows, &j);
+    for (t = 0; t < SAGD_MAX_THREADS; t++)
+        bad += j.bad[t];
+    return bad;
 }
 
 static void act_backward_rows(void *ctx, long chunk, int thread)

@@ -104,9 +104,11 @@ enum sagd_activation {
 /*
  * z[r, c] += b[c]; a[r, c] = act(z[r, c]) for a rows x cols block (row strides ldz, lda).
  * a may equal z; gelu's backward needs z, so keep z apart from a for gelu.
+ * Returns how many z are NaN, infinite, or beyond 2^64 in magnitude (an overflow, or
+ * one a step away; relu would hide NaN and -inf).
  */
-void sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z, size_t ldz,
-                   float *a, size_t lda);
+int64_t sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z,
+                      size_t ldz, float *a, size_t lda);
 
 /* d[r, c] *= act'(.) given a = act(z) (relu, tanh, sigmoid) or z (gelu). */
 void sagd_act_backward(int act, size_t rows, size_t cols, const float *z, const float *a,

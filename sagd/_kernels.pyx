@@ -41,8 +41,8 @@ cdef extern from "sagd_kernels.h" nogil:
     int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const float *w,
                             float *g, void *m, void *v, int state_fmt, const sagd_rng *rng_m,
                             const sagd_rng *rng_v, uint64_t first_elem)
-    void sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z, size_t ldz,
-                       float *a, size_t lda)
+    int64_t sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z,
+                          size_t ldz, float *a, size_t lda)
     void sagd_act_backward(int act, size_t rows, size_t cols, const float *z, const float *a,
                            size_t ld, float *d, size_t ldd)
     void sagd_column_sums(size_t rows, size_t cols, const float *g, size_t ldg, float *db)
@@ -526,7 +526,8 @@ cdef void _check_layer(Stored W, Stored b) except *:
 def dense_forward(const float[:, :] a, Stored W, Stored b, float[:, ::1] z, float[:, ::1] out,
                   str activation, Py_ssize_t tile_rows, float[::1] scratch):
     """out = act(z), z = a @ W^T + b, W read tile_rows rows at a time (decoded into scratch).
-    out may be z itself (not for gelu, whose backward needs z)."""
+    out may be z itself (not for gelu, whose backward needs z). Returns the number of z
+    that are NaN, infinite or beyond 2^64 in magnitude (0 unless the layer overflowed)."""
     cdef int act = ACTIVATIONS[activation]
     cdef Py_ssize_t B = a.shape[0], n_in = W.cols, n_out = W.rows, r0, r1, T
     T = min(max(tile_rows, 1), n_out)
@@ -539,8 +540,9 @@ def dense_forward(const float[:, :] a, Stored W, Stored b, float[:, ::1] z, floa
     if scratch.shape[0] < need:
         raise ValueError(f"scratch holds {scratch.shape[0]} floats, {need} needed")
     if B == 0:
-        return
+        return 0
     cdef Operand A = _operand(a, "a"), Wt
+    cdef int64_t bad = 0
     cdef float* wbuf = &scratch[0] if scratch.shape[0] else NULL
     cdef float* bbuf = wbuf + (T * n_in if W.fmt != SAGD_FP32 else 0)
     cdef float* bias
@@ -564,8 +566,9 @@ def dense_forward(const float[:, :] a, Stored W, Stored b, float[:, ::1] z, floa
                 else:
                     b.decode_rows(r0, r1, bbuf)
                     bias = bbuf
-            sagd_bias_act(act, B, r1 - r0, bias, &z[0, r0], ldz, &out[0, r0], ldo)
+            bad += sagd_bias_act(act, B, r1 - r0, bias, &z[0, r0], ldz, &out[0, r0], ldo)
             r0 = r1
+    return bad
 
 
 def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Stored b,
@@ -788,6 +791,32 @@ def gather_rows(const feature_t[:, :] X, const int64_t[::1] idx, float[:, ::1] o
             i = idx[j]
             for c in range(d):
                 out[j, c] = <float>X[i, c]
+
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+
+def gather_csr(const feature_t[::1] data, const index_t[::1] indices,
+               const index_t[::1] indptr, Py_ssize_t n_cols, const int64_t[::1] idx,
+               float[:, ::1] out):
+    """out[j] = row idx[j] of the CSR matrix (data, indices, indptr) as dense float32,
+    without allocating anything."""
+    cdef Py_ssize_t n = idx.shape[0], j, k, r, n_rows = indptr.shape[0] - 1
+    if out.shape[0] < n or out.shape[1] != n_cols:
+        raise ValueError(f"out must hold ({n}, {n_cols})")
+    for j in range(n):
+        if idx[j] < 0 or idx[j] >= n_rows:
+            raise IndexError(f"row {idx[j]} is outside 0..{n_rows - 1}")
+    with nogil:
+        for j in range(n):
+            r = idx[j]
+            for k in range(n_cols):
+                out[j, k] = 0
+            for k in range(indptr[r], indptr[r + 1]):
+                out[j, indices[k]] += <float>data[k]
+    return None
 
 
 def gather_rows_fp16(const uint16_t[:, :] X, const int64_t[::1] idx, float[:, ::1] out):

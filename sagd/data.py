@@ -64,9 +64,11 @@ def gather(X, idx, out):
         else:       # rarer dtypes (longdouble, ...): numpy converts row by row
             for j in range(m):
                 out[j] = X[idx[j]]
-    else:           # CSR: the rows as a small CSR matrix, densified into out
-        out[:m] = 0
-        X[idx].toarray(out=out[:m])
+    else:           # CSR: rows densified straight from the matrix's arrays
+        data = X.data if X.data.dtype in _GATHER_DTYPES else X.data.astype(np.float64)
+        indptr = X.indptr
+        indices = X.indices if X.indices.dtype == indptr.dtype else X.indices.astype(indptr.dtype)
+        _kernels.gather_csr(data, indices, indptr, X.shape[1], idx, out)
     return out[:m]
 
 
@@ -84,9 +86,10 @@ def check_finite(X, buf, name="X"):
             r, c = s + hit[0], hit[1]
             v = plain(X[r].toarray()[0, c] if _sparse_kind(X) else X[r, c])
             if np.isfinite(v):
-                raise ValueError(f"{name}[{r}, {c}] = {v!r} is too large for float32; scale "
-                                 f"the input (e.g. with StandardScaler)")
-            raise ValueError(f"{name} contains {v!r} at row {r}, column {c}; sagd needs "
+                raise ValueError(f"{name}[{r}, {c}] = {v!r} is too large for float32 (it would "
+                                 "become inf); scale the input (e.g. with StandardScaler)")
+            what = "NaN" if np.isnan(v) else ("inf" if v > 0 else "-inf")
+            raise ValueError(f"{name} contains {what} at row {r}, column {c}; sagd needs "
                              "finite values (drop or impute missing ones first)")
 
 
@@ -144,18 +147,19 @@ def find_classes(y, chunk):
     for s in range(0, y.shape[0], chunk):
         part = y[s:s + chunk]
         if part.dtype == object:
+            for i, v in enumerate(part):
+                if v is None or (isinstance(v, float) and np.isnan(v)):
+                    raise ValueError(f"y contains a missing label ({v}) at row {s + i}")
             kinds = {type(v) for v in part}
             numeric = {k for k in kinds if issubclass(k, (numbers.Number, np.generic))
                        and not issubclass(k, (str, bytes))}
             if numeric and numeric != kinds:
                 raise ValueError("y mixes label types (" + ", ".join(
                     sorted(k.__name__ for k in kinds)) + "); use labels of one type")
-            if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in part):
-                raise ValueError("y contains a missing label (None or NaN)")
         elif part.dtype.kind == "f" and not np.all(np.isfinite(part)):
             bad = s + int(np.flatnonzero(~np.isfinite(part))[0])
-            raise ValueError(f"y contains {plain(y[bad])!r} at row {bad}; labels must be "
-                             "finite")
+            raise ValueError(f"y contains {'NaN' if np.isnan(y[bad]) else 'inf'} at row {bad}; "
+                             "labels must be finite")
         u = np.unique(part)
         classes = u if classes is None else np.union1d(classes, u)
     return classes
@@ -190,5 +194,4 @@ def check_regression_targets(y, chunk):
         finite = np.isfinite(part)
         if not np.all(finite):
             r = s + int(np.flatnonzero(~finite.reshape(part.shape[0], -1).all(axis=1))[0])
-            raise ValueError(f"y contains a non-finite value at row {r}; targets must be "
-                             "finite")
+            raise ValueError(f"y contains NaN or inf at row {r}; targets must be finite")

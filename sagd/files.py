@@ -65,10 +65,8 @@ def _arrays(model):
     return out
 
 
-def save(model, path):
-    """Write model to path atomically: a temporary file in the same folder, flushed to
-    disk, then renamed over path. A failure leaves any previous file untouched."""
-    path = os.fspath(path)
+def _write(model, f):
+    """The model file's bytes, into the binary file object f."""
     tr = model.trainer
     arrays = _arrays(model)
     header = {
@@ -93,15 +91,32 @@ def save(model, path):
         blobs[name] = data
         header["arrays"][name] = {"dtype": arr.dtype.str, "shape": list(arr.shape),
                                   "sha256": hashlib.sha256(data).hexdigest()}
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("header.json", json.dumps(header, indent=1))
+        for name, data in blobs.items():
+            z.writestr(name + ".npy", data)
+
+
+def to_bytes(model):
+    buf = io.BytesIO()
+    _write(model, buf)
+    return buf.getvalue()
+
+
+def from_bytes(data):
+    return _read(io.BytesIO(data), "<bytes>")
+
+
+def save(model, path):
+    """Write model to path atomically: a temporary file in the same folder, flushed to
+    disk, then renamed over path. A failure leaves any previous file untouched."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
-                z.writestr("header.json", json.dumps(header, indent=1))
-                for name, data in blobs.items():
-                    z.writestr(name + ".npy", data)
+            _write(model, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -164,8 +179,12 @@ def load(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    return _read(path, path)
+
+
+def _read(source, path):
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(source) as z:
             header = _read_header(z, path)
             arrays = {name: _read_array(z, path, name, info)
                       for name, info in header.get("arrays", {}).items()}

@@ -104,6 +104,7 @@ class Model:
         self.n_outputs = None
         self.target_ndim = 1       # regression: 2 when fitted on a 2-D y
         self.predict_plan = None
+        self.last_run = (0, False)  # epochs the last fit/train_more ran, and if it stopped early
 
     # ------------------------------------------------------------------ state
 
@@ -174,6 +175,12 @@ class Model:
         """One more pass over X, y, keeping the weights, optimizer state and training
         position. On a model that is not fitted yet it starts one (classes= declares
         every label the model will see; by default those of this y)."""
+        return self.train_more(X, y, sample_weight, epochs=1, classes=classes)
+
+    def train_more(self, X, y, sample_weight=None, epochs=1, classes=None, tol=None):
+        """`epochs` more passes over X, y from where training stopped (the weights,
+        optimizer state, step and schedule carry on); with tol, stop early when the loss
+        stops improving as in fit. Returns self."""
         if not self.fitted:
             s = check_settings(self.settings)
             X, y, w = self._check_data(X, y, sample_weight)
@@ -183,15 +190,14 @@ class Model:
             trainer, classes = self._build(X, y, task, s, classes=classes)
             self._validate(X, y, trainer, task, classes)
             self._adopt(trainer, task, classes, X.shape[1], y.ndim, _target_bytes(y))
-            trainer.total_steps = math.ceil(X.shape[0] / s["batch_size"])
+            trainer.total_steps = epochs * math.ceil(X.shape[0] / s["batch_size"])
         else:
-            s = self.settings_checked
             X, y, w = self._check_data(X, y, sample_weight)
             if classes is not None and self.classes is not None:
                 declared = np.unique(np.asarray(classes))
                 if not np.array_equal(declared, self.classes):
-                    raise ValueError(f"classes={list(declared)} differ from the classes the "
-                                     f"model was started with: {list(self.classes)}")
+                    raise ValueError(f"classes={declared.tolist()} differ from the classes the "
+                                     f"model was started with: {self.classes.tolist()}")
             self.trainer.allocate(early_stopping=False)
             try:
                 self._validate(X, y, self.trainer, self.task, self.classes)
@@ -199,8 +205,8 @@ class Model:
                 self.trainer.release()
                 raise
         s = self.settings_checked
-        self._train(X, y, w, X.shape[0], 1, dict(s, early_stopping=False, tol=None,
-                                                 validation_fraction=0.0))
+        self._train(X, y, w, X.shape[0], _positive_int("epochs", epochs),
+                    dict(s, early_stopping=False, tol=tol, validation_fraction=0.0))
         return self
 
     def _check_data(self, X, y, sample_weight):
@@ -236,7 +242,7 @@ class Model:
                 classes = np.unique(np.asarray(classes))
             if classes.shape[0] < 2:
                 c = plain(classes[0]) if classes.shape[0] else None
-                raise ValueError(f"y has a single class, {c!r} (dtype {y.dtype}); a "
+                raise ValueError(f"y has only one class, {c!r} (dtype {y.dtype}); a "
                                  "classifier needs at least 2")
             n_out = 1 if classes.shape[0] == 2 else classes.shape[0]
             loss = "sigmoid" if n_out == 1 else "softmax"
@@ -278,21 +284,26 @@ class Model:
         self.n_outputs = trainer.network.sizes[-1]
 
     def _train(self, X, y, w, n_train, epochs, s):
+        """Run up to `epochs` epochs; returns (epochs run, whether a stopping rule ended
+        training before that)."""
         trainer = self.trainer
         n = X.shape[0]
         split = n_train < n
         progress = Progress(epochs) if s["verbose"] else None
+        done, stopped = 0, False
         try:
             for e in range(epochs):
                 if progress:
                     progress.start_epoch(e + 1)
                 loss = trainer.run_epoch(X, y, w, self.classes, n_train, s["shuffle"], progress)
+                done += 1
                 val = (trainer.score(X, y, self.classes, range(n_train, n), n, split)
                        if split else None)
                 if progress:
                     progress.end_epoch(loss, val, n_train)
                 if trainer.end_of_epoch(loss, val, s["tol"], s["n_iter_no_change"],
                                         s["early_stopping"]):
+                    stopped = True
                     break
             if s["early_stopping"]:
                 trainer.restore_best()
@@ -301,6 +312,8 @@ class Model:
                 progress.close()
             trainer.release()
             trainer.best_copy = None
+        self.last_run = (done, stopped)
+        return done, stopped
 
     # ------------------------------------------------------------------ prediction
 
@@ -331,11 +344,12 @@ class Model:
             gather(X, idx[:m], buf.x)
             hit = _kernels.first_nonfinite(buf.x[:m])
             if hit is not None:
-                v = plain(X[start + hit[0], hit[1]]) if isinstance(X, np.ndarray) else "a value"
-                raise ValueError(f"X contains {v!r} at row {start + hit[0]}, column {hit[1]}"
-                                 "; sagd needs finite values of float32 range")
-            logits = self.network.forward_predict(buf, m)
-            if not np.all(np.isfinite(logits)):
+                v = buf.x[hit]
+                what = "NaN" if np.isnan(v) else "inf (or a value too large for float32)"
+                raise ValueError(f"X contains {what} at row {start + hit[0]}, column "
+                                 f"{hit[1]}; sagd needs finite values")
+            logits, overflow = self.network.forward_predict(buf, m)
+            if overflow or not np.all(np.isfinite(logits)):
                 raise FloatingPointError(
                     f"the network's output overflowed for rows {start}..{start + m - 1}; "
                     "scale the input the way the training data was scaled")
@@ -413,6 +427,20 @@ class Model:
         return float(np.mean(r2))
 
     # ------------------------------------------------------------------ files
+
+    def __getstate__(self):
+        # pickles carry the model file's bytes: the same checked, portable format
+        if not self.fitted:
+            return {"settings": self.settings}
+        from .files import to_bytes
+        return {"file": to_bytes(self)}
+
+    def __setstate__(self, state):
+        if "file" in state:
+            from .files import from_bytes
+            self.__dict__.update(from_bytes(state["file"]).__dict__)
+        else:
+            self.__init__(**state["settings"])
 
     def save(self, path):
         """Write the model to one portable file (atomically: a failed save leaves any

@@ -105,14 +105,16 @@ class Network:
 
     def forward_train(self, buf, m):
         """Forward pass on buf.x[:m], keeping what the backward pass needs; returns the
-        output layer's (m, n_out) block (logits)."""
+        output layer's (m, n_out) block (logits) and the count of pre-activations that
+        overflowed (NaN or inf)."""
         a = buf.x[:m]
+        bad = 0
         for layer, out, z, tile in zip(self.layers, buf.acts, buf.zs, buf.tile_rows):
             out = out[:m]
-            _kernels.dense_forward(a, layer.W, layer.b, z[:m] if z is not None else out,
-                                   out, layer.activation, tile, buf.scratch)
+            bad += _kernels.dense_forward(a, layer.W, layer.b, z[:m] if z is not None else out,
+                                          out, layer.activation, tile, buf.scratch)
             a = out
-        return a
+        return a, bad
 
     def backward(self, buf, m, step, bias_step):
         """Backward pass from the gradient in the output block, updating every layer;
@@ -140,14 +142,15 @@ class Network:
 
     def forward_predict(self, buf, m):
         """Forward pass on buf.x[:m] through ping-pong buffers; returns the (m, n_out)
-        output block (logits)."""
+        output block (logits) and the count of pre-activations that overflowed."""
         a = buf.x[:m]
+        bad = 0
         for i, (layer, tile) in enumerate(zip(self.layers, buf.tile_rows)):
             out = buf.pingpong[i % 2][: m * layer.n_out].reshape(m, layer.n_out)
-            _kernels.dense_forward(a, layer.W, layer.b, out, out, layer.activation, tile,
-                                   buf.scratch)
+            bad += _kernels.dense_forward(a, layer.W, layer.b, out, out, layer.activation, tile,
+                                          buf.scratch)
             a = out
-        return a
+        return a, bad
 
 
 class Buffers:

@@ -131,8 +131,8 @@ class Trainer:
         total = sum(shares)
         if total <= 0:
             return 0.0, 0.0
-        self.step += 1
-        lr = self.optimizer.prepare(self.steps, self.step, self.total_steps, self.lr_scale)
+        t = self.step + 1           # counted once the step has changed something
+        lr = self.optimizer.prepare(self.steps, t, self.total_steps, self.lr_scale)
         loss_sum = 0.0
         for k, (p, share) in enumerate(zip(passes, shares)):
             rows = self._rows(p, n_total, n_train, shuffle, self.epoch, idx)
@@ -140,12 +140,12 @@ class Trainer:
             gather(X, rows, self.buf.x)
             targets = self._targets(y, rows, classes)
             w = self._weights(sample_weight, rows)
-            logits = self.network.forward_train(self.buf, m)
+            logits, overflow = self.network.forward_train(self.buf, m)
             loss = self._loss_and_grad(logits, targets, w, 1.0 / total)
-            if not math.isfinite(loss):
+            if overflow or not math.isfinite(loss):
                 raise TrainingDivergedError(
-                    f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step} "
-                    f"(learning rate {lr:.3g}): activations overflowed. Scale the input "
+                    f"activations overflowed at epoch {self.epoch + 1}, step {t} "
+                    f"(learning rate {lr:.3g}; loss {loss:.4g}), before the step. Scale the input "
                     "(e.g. with StandardScaler) or lower the learning rate. The model keeps "
                     "its last finite weights.")
             for s in self.steps:
@@ -153,10 +153,11 @@ class Trainer:
                 s.micro = k
                 s.vscale = s.gscale = total / share if share > 0 else 1.0
             bad = self.network.backward(self.buf, m, *self.steps)
+            self.step = t
             if bad:
                 raise TrainingDivergedError(
                     f"{bad} weight or optimizer-state updates were not finite at epoch "
-                    f"{self.epoch + 1}, step {self.step} (learning rate {lr:.3g}); they were "
+                    f"{self.epoch + 1}, step {t} (learning rate {lr:.3g}); they were "
                     "not stored, and the model keeps its last finite weights. Scale the input "
                     "(e.g. with StandardScaler) or lower the learning rate.")
             loss_sum += loss
@@ -200,7 +201,7 @@ class Trainer:
                 _kernels.permute(n_total, self.seed, SPLIT_ROUND, rows)
             gather(X, rows, self.buf.x)
             targets = self._targets(y, rows, classes)
-            logits = self.network.forward_train(self.buf, m)
+            logits, _ = self.network.forward_train(self.buf, m)
             if self.loss == "squared":
                 t = targets.astype(np.float64)
                 s_y += t.sum(axis=0)
