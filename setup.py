@@ -10,7 +10,7 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["api.c", "hot.c", "hot_avx2.c", "layers.c", "loss.c", "threads.c"]
+KERNELS = ["api.c", "dense.c", "hot.c", "hot_avx2.c", "layers.c", "loss.c", "threads.c"]
 
 
 class BuildExt(build_ext):
@@ -20,8 +20,7 @@ class BuildExt(build_ext):
         else:
             # fp-contract=off: no fused multiply-add, so every SIMD path gives the same bits;
             # no-math-errno: sqrtf and friends without errno, so their loops vectorize
-            compile_args = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing",
-                            "-pthread"]
+            compile_args = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
             link_args = ["-pthread"]
         for ext in self.extensions:
             ext.extra_compile_args = compile_args + ext.extra_compile_args

@@ -15,8 +15,8 @@ typedef struct {
     void (*random_words)(const sagd_rng *, uint64_t, size_t, uint32_t *);
     int64_t (*encode)(int, const float *, size_t, void *, float, const sagd_rng *, uint64_t);
     void (*decode)(int, const void *, size_t, float, float *);
-    int64_t (*optim_step)(const sagd_optim *, int, size_t, const float *, float *, void *,
-                          void *, int, const sagd_rng *, const sagd_rng *, uint64_t);
+    int64_t (*optim_step)(const sagd_optim *, int, size_t, const sagd_stored *, float *,
+                          const sagd_stored *, const sagd_stored *, uint64_t);
 } hot_impl;
 
 static const hot_impl impl_generic = {sagd_hot_random_words_generic, sagd_hot_encode_generic,
@@ -178,28 +178,33 @@ typedef struct {
     const sagd_optim *opt;
     int phase;
     size_t n;
-    const float *w;
+    const sagd_stored *w, *m, *v;
     float *g;
-    char *m, *v;
-    int state_fmt;
-    const sagd_rng *rng_m, *rng_v;
     uint64_t first;
     int64_t partial[SAGD_MAX_THREADS];
 } optim_job;
 
+/* The part of a stored run that starts `off` elements in. */
+static sagd_stored offset(const sagd_stored *t, size_t off)
+{
+    sagd_stored r = *t;
+    if (r.data != NULL)
+        r.data = (char *)r.data + off * elem_size(r.fmt);
+    return r;
+}
+
 static void optim_chunk(void *ctx, long c, int thread)
 {
     optim_job *j = (optim_job *)ctx;
-    size_t off = (size_t)c * PAR_CHUNK, esz = elem_size(j->state_fmt);
-    j->partial[thread] += impl->optim_step(
-        j->opt, j->phase, chunk_len(j->n, c), j->w + off, j->g + off,
-        j->m ? j->m + off * esz : NULL, j->v ? j->v + off * esz : NULL, j->state_fmt,
-        j->rng_m, j->rng_v, j->first + off);
+    const size_t off = (size_t)c * PAR_CHUNK;
+    const sagd_stored w = offset(j->w, off), m = offset(j->m, off), v = offset(j->v, off);
+    j->partial[thread] += impl->optim_step(j->opt, j->phase, chunk_len(j->n, c), &w,
+                                           j->g + off, &m, &v, j->first + off);
 }
 
-int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const float *w, float *g,
-                        void *m, void *v, int state_fmt, const sagd_rng *rng_m,
-                        const sagd_rng *rng_v, uint64_t first_elem)
+int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const sagd_stored *w,
+                        float *g, const sagd_stored *m, const sagd_stored *v,
+                        uint64_t first_elem)
 {
     optim_job j;
     memset(&j, 0, sizeof j);
@@ -207,12 +212,9 @@ int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const float 
     j.phase = phase;
     j.n = n;
     j.w = w;
+    j.m = m;
+    j.v = v;
     j.g = g;
-    j.m = (char *)m;
-    j.v = (char *)v;
-    j.state_fmt = state_fmt;
-    j.rng_m = rng_m;
-    j.rng_v = rng_v;
     j.first = first_elem;
     sagd_parallel(n_chunks(n), optim_chunk, &j);
     return sum_partials(j.partial);

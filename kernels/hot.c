@@ -20,8 +20,12 @@
 
 #if defined(_MSC_VER)
 #define SAGD_RESTRICT __restrict
+#define SAGD_SPECIALIZE static __forceinline
 #else
 #define SAGD_RESTRICT restrict
+/* Inlined at every call, where its format and mode arguments are constants: each call
+   site becomes its own specialised loop. */
+#define SAGD_SPECIALIZE static inline __attribute__((always_inline))
 #endif
 
 /* Elements per inner chunk: the random bits of one chunk live on the stack. */
@@ -165,17 +169,30 @@ void HOT(random_words)(const sagd_rng *rng, uint64_t first_word, size_t n, uint3
     }
 }
 
-/* 16 random bits for each element e0 .. e0 + n - 1 (n <= CHUNK). */
-static const uint16_t *bits16(const sagd_rng *rng, uint64_t e0, size_t n,
-                              uint32_t words[CHUNK / 2 + 1], uint16_t halves[CHUNK + 2])
+/* Random words seen as 32-bit words or as their 16-bit halves, low half first. */
+typedef union {
+    uint32_t words[CHUNK + 2];
+    uint16_t halves[2 * CHUNK + 4];
+} bit_buffer;
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define SAGD_BIG_ENDIAN 1
+#endif
+
+/* 16 random bits for each element e0 .. e0 + n - 1 (n <= 2 * CHUNK): element e takes half
+   e % 2 of word e / 2. On little-endian machines the union's halves are exactly that. */
+static const uint16_t *bits16(const sagd_rng *rng, uint64_t e0, size_t n, bit_buffer *b)
 {
-    size_t off = (size_t)(e0 & 1), nw = (off + n + 1) / 2, t;
-    HOT(random_words)(rng, e0 >> 1, nw, words);
-    for (t = 0; t < nw; t++) {
-        halves[2 * t] = (uint16_t)words[t];
-        halves[2 * t + 1] = (uint16_t)(words[t] >> 16);
+    const size_t off = (size_t)(e0 & 1), nw = (off + n + 1) / 2;
+    HOT(random_words)(rng, e0 >> 1, nw, b->words);
+#ifdef SAGD_BIG_ENDIAN
+    {
+        size_t t;
+        for (t = 0; t < nw; t++)
+            b->words[t] = (b->words[t] << 16) | (b->words[t] >> 16);
     }
-    return halves + off;
+#endif
+    return b->halves + off;
 }
 
 /* ---------------------------------------------------------------- formats */
@@ -188,7 +205,7 @@ static inline uint16_t bf16_from(float x, uint32_t r16, int stochastic)
        Nearest: ties to even. Written without branches, so loops vectorize. */
     const uint32_t add = stochastic ? (r16 ^ 0xFFFFu) : 0x7fffu + ((mag >> 16) & 1u);
     uint32_t h = (mag + add) >> 16;
-    h = (stochastic && h > 0x7f7fu) ? 0x7f7fu : h;
+    h = ((stochastic != 0) & (h > 0x7f7fu)) ? 0x7f7fu : h;
     h = mag > 0x7f800000u ? 0x7fc0u : (mag == 0x7f800000u ? 0x7f80u : h);
     return (uint16_t)(sign | h);
 }
@@ -207,14 +224,14 @@ static inline uint16_t fp16_from(float x, uint32_t r, int stochastic)
     uint32_t base = (uint32_t)((eff > 113 ? eff : 113) - 113) << 10;
     uint32_t q = (uint32_t)(sig >> kk);
     uint64_t rem = sig & ((1ull << kk) - 1);
-    uint32_t up, h;
-    if (stochastic) {
-        /* P(up) = rem / 2^k, exact while k <= 32 (|x| >= 2^-33), to 2^-32 below. */
-        up = kk <= 32 ? (((uint64_t)r << kk) < (rem << 32)) : (r < (rem >> (kk - 32)));
-    } else {
-        uint64_t half = 1ull << (kk - 1);
-        up = rem > half || (rem == half && (q & 1u));
-    }
+    /* Stochastic: P(up) = rem / 2^k, exact while k <= 32 (|x| >= 2^-33), to 2^-32 below.
+       Nearest: ties to even. Both computed, one chosen: no branch in vectorized loops. */
+    const uint32_t up_sr = kk <= 32 ? (((uint64_t)r << kk) < (rem << 32))
+                                    : (r < (rem >> (kk - 32)));
+    const uint64_t half = 1ull << (kk - 1);
+    const uint32_t up_rn = (rem > half) | ((rem == half) & (q & 1u));
+    const uint32_t up = stochastic ? up_sr : up_rn;
+    uint32_t h;
     h = base + q + up;
     h = stochastic ? (h > 0x7bffu ? 0x7bffu : h) : (h > 0x7c00u ? 0x7c00u : h);
     if (e == 0xff) { /* inf, or NaN keeping the top of its payload as numpy does */
@@ -251,8 +268,8 @@ static inline int8_t int8_from(float x, float scale, uint32_t r, int stochastic)
 int64_t HOT(encode)(int fmt, const float *SAGD_RESTRICT x, size_t n, void *SAGD_RESTRICT out,
                     float scale, const sagd_rng *rng, uint64_t first_elem)
 {
-    uint32_t words[CHUNK / 2 + 1];
-    uint16_t halves[CHUNK + 2];
+    bit_buffer bits;
+    uint32_t *words = bits.words;
     int64_t bad = 0;
     size_t s, i;
     const int sr = rng != NULL;
@@ -270,7 +287,7 @@ int64_t HOT(encode)(int fmt, const float *SAGD_RESTRICT x, size_t n, void *SAGD_
         if (fmt == SAGD_BF16) {
             uint16_t *o = (uint16_t *)out + s;
             if (sr) {
-                const uint16_t *r = bits16(rng, first_elem + s, len, words, halves);
+                const uint16_t *r = bits16(rng, first_elem + s, len, &bits);
                 for (i = 0; i < len; i++)
                     o[i] = bf16_from(xs[i], r[i], 1);
             } else {
@@ -325,143 +342,145 @@ void HOT(decode)(int fmt, const void *SAGD_RESTRICT in, size_t n, float scale,
 
 /* ---------------------------------------------------------------- optimizer */
 
-static inline float state_load(const void *p, int fmt, size_t i)
-{
-    return fmt == SAGD_FP32 ? ((const float *)p)[i] : bf16_to(((const uint16_t *)p)[i]);
-}
+/* A value of a run stored as fp32 (f) or as 16-bit codes (h) of format fmt. */
+#define LOAD_AS(fmt, f, h, i)                                                               \
+    ((fmt) == SAGD_FP32 ? (f)[i] : (fmt) == SAGD_BF16 ? bf16_to((h)[i]) : fp16_to((h)[i]))
 
-/* Store x in slot i if ok, else leave the slot alone. The old value is read either way,
-   so the choice is a blend and the loop vectorizes. */
-static inline void state_store(void *p, int fmt, size_t i, float x, uint32_t r16, int sr, int ok)
+/* Store x (rounded with bits r) in slot i if ok, else leave the slot alone. The old value
+   is read either way, so the choice is a blend and the loop vectorizes. */
+#define STORE_AS(fmt, f, h, i, x, r, sr, ok)                                                 \
+    do {                                                                                     \
+        if ((fmt) == SAGD_FP32) {                                                            \
+            const float old_ = (f)[i];                                                       \
+            (f)[i] = (ok) ? (x) : old_;                                                      \
+        } else {                                                                             \
+            const uint16_t old_ = (h)[i];                                                    \
+            const uint16_t new_ = (fmt) == SAGD_BF16 ? bf16_from((x), (r), (sr))             \
+                                                     : fp16_from((x), (r), (sr));            \
+            (h)[i] = (ok) ? new_ : old_;                                                     \
+        }                                                                                    \
+    } while (0)
+
+/* What elements read when their format or rounding needs no random bits. */
+static const uint32_t no_words[CHUNK] = {0};
+static const uint16_t no_halves[CHUNK] = {0};
+
+/* The random bits of one chunk of writes into t: 16 per element (bf16), else 32. */
+static void bits_for(const sagd_stored *t, uint64_t e0, size_t n, bit_buffer *b,
+                     const uint16_t **r16, const uint32_t **r32)
 {
-    if (fmt == SAGD_FP32) {
-        float *f = (float *)p, old = f[i];
-        f[i] = ok ? x : old;
+    *r16 = no_halves;
+    *r32 = no_words;
+    if (t->rng == NULL || t->data == NULL || t->fmt == SAGD_FP32)
+        return;
+    if (t->fmt == SAGD_BF16) {
+        *r16 = bits16(t->rng, e0, n, b);
     } else {
-        uint16_t *h = (uint16_t *)p, old = h[i];
-        uint16_t nw = bf16_from(x, r16, sr);
-        h[i] = ok ? nw : old;
+        HOT(random_words)(t->rng, e0, n, b->words);
+        *r32 = b->words;
     }
 }
 
 /*
- * One chunk of an optimizer step. state_fmt, sr, begin and apply are passed as
- * literal constants by the dispatcher below, so each combination is compiled into
- * its own branch-free loop.
+ * One chunk of an optimizer step: decode the weights, update the state, and (apply) round
+ * the new weights back (int8 weights come decoded, as fp32: see sagd_optim_step). kind, wfmt and sfmt are literal constants at every call site, so
+ * each combination compiles into its own branch-free, vectorized loop.
  */
-static inline int64_t adam_chunk(const sagd_optim *o, int begin, int apply, size_t n,
-                                 const float *SAGD_RESTRICT w, float *SAGD_RESTRICT g,
-                                 void *SAGD_RESTRICT m, void *SAGD_RESTRICT v, int sfmt, int sr,
-                                 const uint16_t *rm, const uint16_t *rv)
+SAGD_SPECIALIZE int64_t step_chunk(const sagd_optim *o, int kind, int has_m, int apply,
+                                 int wfmt, int sfmt, int begin, size_t n,
+                                 void *SAGD_RESTRICT w, float wscale, int wsr,
+                                 float *SAGD_RESTRICT g, void *SAGD_RESTRICT m,
+                                 void *SAGD_RESTRICT v, int ssr,
+                                 const uint16_t *SAGD_RESTRICT rw16,
+                                 const uint32_t *SAGD_RESTRICT rw32,
+                                 const uint16_t *SAGD_RESTRICT rm,
+                                 const uint16_t *SAGD_RESTRICT rv)
 {
-    const float b1 = o->beta1, b2 = o->beta2, a1 = 1.0f - o->beta1, a2 = (1.0f - o->beta2) * o->vscale;
-    const float keep1 = begin ? b1 : 1.0f, keep2 = begin ? b2 : 1.0f, l2 = begin ? o->l2 : 0.0f;
-    const float lr = o->lr, decay = o->decay, bc1 = o->bc1, bc2 = o->bc2, eps = o->eps;
+    const float lr = o->lr, mu = o->momentum, gs = o->gscale, eps = o->eps;
+    const float a1 = 1.0f - o->beta1, a2 = (1.0f - o->beta2) * o->vscale;
+    const float bc1 = o->bc1, bc2 = o->bc2, l2 = begin ? o->l2 : 0.0f;
+    const float keep1 = begin ? (kind == SAGD_ADAM ? o->beta1 : mu) : 1.0f;
+    const float keep2 = begin ? o->beta2 : 1.0f;
+    /* weight decay enters once per step; plain SGD applies every pass, so only the first */
+    const float decay = (begin || has_m) ? o->decay : 0.0f;
+    const float nest = o->nesterov ? 1.0f : 0.0f;
+    /* typed views, restrict-qualified here so the compiler knows the runs are disjoint */
+    float *SAGD_RESTRICT wf = (float *)w, *SAGD_RESTRICT mf = (float *)m,
+          *SAGD_RESTRICT vf = (float *)v;
+    uint16_t *SAGD_RESTRICT wh = (uint16_t *)w, *SAGD_RESTRICT mh = (uint16_t *)m,
+             *SAGD_RESTRICT vh = (uint16_t *)v;
     int64_t bad = 0;
     size_t i;
+    (void)wscale;
     for (i = 0; i < n; i++) {
-        float wi = w[i], gi = g[i] + l2 * wi;
-        float mn = keep1 * state_load(m, sfmt, i) + a1 * gi;
-        float vn = keep2 * state_load(v, sfmt, i) + a2 * (gi * gi);
-        float wn = wi - lr * ((mn * bc1) / (sqrtf(vn * bc2) + eps) + decay * wi);
-        int ok = finite_f(mn) & finite_f(vn) & (apply ? finite_f(wn) : 1);
-        state_store(m, sfmt, i, mn, sr ? rm[i] : 0, sr, ok);
-        state_store(v, sfmt, i, vn, sr ? rv[i] : 0, sr, ok);
-        if (apply)
-            g[i] = ok ? wn : wi;
-        bad += !ok;
-    }
-    return bad;
-}
-
-static inline int64_t sgd_chunk(const sagd_optim *o, int begin, int apply, size_t n,
-                                const float *SAGD_RESTRICT w, float *SAGD_RESTRICT g,
-                                void *SAGD_RESTRICT m, int sfmt, int sr, const uint16_t *rm)
-{
-    /* Weight decay enters once per step: with the first micro-batch. */
-    const float mu = o->momentum, lr = o->lr, l2 = begin ? o->l2 : 0.0f;
-    const float decay = begin || m != NULL ? o->decay : 0.0f;
-    const float keep = begin ? mu : 1.0f, gs = o->gscale;
-    const int nesterov = o->nesterov;
-    int64_t bad = 0;
-    size_t i;
-    if (m == NULL) { /* plain SGD: every pass applies its share */
-        for (i = 0; i < n; i++) {
-            float wi = w[i], wn = wi - lr * (g[i] + l2 * wi + decay * wi);
-            int ok = finite_f(wn);
-            g[i] = ok ? wn : wi;  /* wi was read: a blend, not a branch */
-            bad += !ok;
+        const float wi = LOAD_AS(wfmt, wf, wh, i), gi = g[i] + l2 * wi;
+        float mn = 0.0f, vn = 0.0f, upd = gi, wn;
+        int ok;
+        if (kind == SAGD_ADAM) {
+            mn = keep1 * LOAD_AS(sfmt, mf, mh, i) + a1 * gi;
+            vn = keep2 * LOAD_AS(sfmt, vf, vh, i) + a2 * (gi * gi);
+            upd = (mn * bc1) / (sqrtf(vn * bc2) + eps);
+        } else if (has_m) {
+            mn = keep1 * LOAD_AS(sfmt, mf, mh, i) + gi;
+            upd = nest * (gs * gi + mu * mn) + (1.0f - nest) * mn;
         }
-        return bad;
-    }
-    for (i = 0; i < n; i++) {
-        float wi = w[i], gi = g[i] + l2 * wi;
-        float mn = keep * state_load(m, sfmt, i) + gi;
-        float step = nesterov ? gs * gi + mu * mn : mn;
-        float wn = wi - lr * (step + decay * wi);
-        int ok = finite_f(mn) & (apply ? finite_f(wn) : 1);
-        state_store(m, sfmt, i, mn, sr ? rm[i] : 0, sr, ok);
+        wn = wi - lr * (upd + decay * wi);
+        ok = finite_f(mn) & finite_f(vn) & (apply ? finite_f(wn) : 1);
+        if (has_m)
+            STORE_AS(sfmt, mf, mh, i, mn, rm[i], ssr, ok);
+        if (kind == SAGD_ADAM)
+            STORE_AS(sfmt, vf, vh, i, vn, rv[i], ssr, ok);
         if (apply)
-            g[i] = ok ? wn : wi;
+            STORE_AS(wfmt, wf, wh, i, wn, wfmt == SAGD_FP16 ? rw32[i] : rw16[i], wsr, ok);
         bad += !ok;
     }
     return bad;
 }
 
-#define ADAM_CASE(B, A, F, S)                                                              \
-    bad += adam_chunk(o, B, A, len, w + s, g + s, (char *)m + s * esz, (char *)v + s * esz, \
-                      F, S, rm, rv)
-#define SGD_CASE(B, A, F, S)                                                              \
-    bad += sgd_chunk(o, B, A, len, w + s, g + s, m ? (char *)m + s * esz : NULL, F, S, rm)
+/* Every (optimizer, state?, apply?, rounding, weight format, state format) gets its own
+   loop: with the rounding mode a variable, the compiler would not vectorize it. */
+#define STEP_CHUNK(K, HM, AP, SR, WF, SF)                                                    \
+    step_chunk(o, K, HM, AP, WF, SF, begin, len, (char *)w->data + s * wsz, w->scale, SR,   \
+               g + s, HM ? (char *)m->data + s * ssz : NULL,                                \
+               K == SAGD_ADAM ? (char *)v->data + s * ssz : NULL, SR, rw16, rw32, rm, rv)
+#define BY_STATE(K, HM, AP, SR, WF)                                                          \
+    (sfmt == SAGD_FP32 ? STEP_CHUNK(K, HM, AP, SR, WF, SAGD_FP32)                            \
+                       : STEP_CHUNK(K, HM, AP, SR, WF, SAGD_BF16))
+#define BY_WEIGHTS(K, HM, AP, SR)                                                            \
+    (w->fmt == SAGD_FP32   ? BY_STATE(K, HM, AP, SR, SAGD_FP32)                              \
+     : w->fmt == SAGD_BF16 ? BY_STATE(K, HM, AP, SR, SAGD_BF16)                              \
+                           : BY_STATE(K, HM, AP, SR, SAGD_FP16))
+#define BY_ROUNDING(K, HM, AP)                                                               \
+    (sr ? BY_WEIGHTS(K, HM, AP, 1) : BY_WEIGHTS(K, HM, AP, 0))
 
-int64_t HOT(optim_step)(const sagd_optim *o, int phase, size_t n, const float *w, float *g,
-                        void *m, void *v, int sfmt, const sagd_rng *rng_m,
-                        const sagd_rng *rng_v, uint64_t first_elem)
+int64_t HOT(optim_step)(const sagd_optim *o, int phase, size_t n, const sagd_stored *w,
+                        float *g, const sagd_stored *m, const sagd_stored *v,
+                        uint64_t first_elem)
 {
-    uint32_t words[CHUNK / 2 + 1];
-    uint16_t hm[CHUNK + 2], hv[CHUNK + 2];
+    bit_buffer bw, bm, bv;
     const int begin = (phase & SAGD_BEGIN) != 0, apply = (phase & SAGD_APPLY) != 0;
-    const int sr = sfmt == SAGD_BF16 && rng_m != NULL;
-    const size_t esz = sfmt == SAGD_FP32 ? 4 : 2;
+    const int sfmt = m->data ? m->fmt : SAGD_FP32;
+    /* one rounding mode for the whole step: stochastic when any write has random bits */
+    const int sr = w->rng != NULL || m->rng != NULL || v->rng != NULL;
+    const size_t wsz = w->fmt == SAGD_FP32 ? 4 : 2;
+    const size_t ssz = sfmt == SAGD_FP32 ? 4 : 2;
     int64_t bad = 0;
     size_t s;
     for (s = 0; s < n; s += CHUNK) {
-        size_t len = n - s < CHUNK ? n - s : CHUNK;
-        const uint16_t *rm = NULL, *rv = NULL;
-        if (sr && m != NULL)
-            rm = bits16(rng_m, first_elem + s, len, words, hm);
-        if (sr && v != NULL && o->kind == SAGD_ADAM)
-            rv = bits16(rng_v, first_elem + s, len, words, hv);
-        if (o->kind == SAGD_ADAM) {
-            /* Spelled out so that every loop is specialised on constants. */
-            if (sfmt == SAGD_FP32) {
-                if (begin && apply) ADAM_CASE(1, 1, SAGD_FP32, 0);
-                else if (begin) ADAM_CASE(1, 0, SAGD_FP32, 0);
-                else if (apply) ADAM_CASE(0, 1, SAGD_FP32, 0);
-                else ADAM_CASE(0, 0, SAGD_FP32, 0);
-            } else if (sr) {
-                if (begin && apply) ADAM_CASE(1, 1, SAGD_BF16, 1);
-                else if (begin) ADAM_CASE(1, 0, SAGD_BF16, 1);
-                else if (apply) ADAM_CASE(0, 1, SAGD_BF16, 1);
-                else ADAM_CASE(0, 0, SAGD_BF16, 1);
-            } else {
-                if (begin && apply) ADAM_CASE(1, 1, SAGD_BF16, 0);
-                else if (begin) ADAM_CASE(1, 0, SAGD_BF16, 0);
-                else if (apply) ADAM_CASE(0, 1, SAGD_BF16, 0);
-                else ADAM_CASE(0, 0, SAGD_BF16, 0);
-            }
-        } else {
-            if (sfmt == SAGD_FP32) {
-                if (apply) SGD_CASE(begin, 1, SAGD_FP32, 0);
-                else SGD_CASE(begin, 0, SAGD_FP32, 0);
-            } else if (sr) {
-                if (apply) SGD_CASE(begin, 1, SAGD_BF16, 1);
-                else SGD_CASE(begin, 0, SAGD_BF16, 1);
-            } else {
-                if (apply) SGD_CASE(begin, 1, SAGD_BF16, 0);
-                else SGD_CASE(begin, 0, SAGD_BF16, 0);
-            }
-        }
+        const size_t len = n - s < CHUNK ? n - s : CHUNK;
+        const uint16_t *rw16 = no_halves, *rm, *rv = no_halves;
+        const uint32_t *rw32 = no_words, *unused;
+        if (apply || m->data == NULL)
+            bits_for(w, first_elem + s, len, &bw, &rw16, &rw32);
+        bits_for(m, first_elem + s, len, &bm, &rm, &unused);
+        if (o->kind == SAGD_ADAM)
+            bits_for(v, first_elem + s, len, &bv, &rv, &unused);
+        if (o->kind == SAGD_ADAM)
+            bad += apply ? BY_ROUNDING(SAGD_ADAM, 1, 1) : BY_ROUNDING(SAGD_ADAM, 1, 0);
+        else if (m->data == NULL) /* plain SGD: every pass applies its share */
+            bad += BY_ROUNDING(SAGD_SGD, 0, 1);
+        else
+            bad += apply ? BY_ROUNDING(SAGD_SGD, 1, 1) : BY_ROUNDING(SAGD_SGD, 1, 0);
     }
     return bad;
 }

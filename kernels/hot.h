@@ -15,9 +15,9 @@
     int64_t sagd_hot_encode##sfx(int, const float *, size_t, void *, float,                   \
                                  const sagd_rng *, uint64_t);                                 \
     void sagd_hot_decode##sfx(int, const void *, size_t, float, float *);                    \
-    int64_t sagd_hot_optim_step##sfx(const sagd_optim *, int, size_t, const float *,          \
-                                     float *, void *, void *, int, const sagd_rng *,           \
-                                     const sagd_rng *, uint64_t);
+    int64_t sagd_hot_optim_step##sfx(const sagd_optim *, int, size_t, const sagd_stored *,    \
+                                     float *, const sagd_stored *, const sagd_stored *,        \
+                                     uint64_t);
 
 SAGD_DECLARE_HOT(_generic)
 #ifdef SAGD_HAVE_AVX2

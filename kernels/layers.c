@@ -52,24 +52,31 @@ static inline int64_t count_out_of_range(const float *x, size_t n)
 
 static void bias_act_rows(void *ctx, long chunk, int thread)
 {
-    rows_job *j = (rows_job *)ctx;
-    size_t r0 = (size_t)chunk * j->step, r1 = r0 + j->step < j->rows ? r0 + j->step : j->rows;
+    const rows_job *j = (const rows_job *)ctx;
+    /* fields in locals: stores through float pointers must not make the compiler reload
+       them (or give up vectorizing) */
+    const size_t cols = j->cols, ldz = j->ldz, lda = j->lda, step = j->step;
+    const size_t r0 = (size_t)chunk * step, r1 = r0 + step < j->rows ? r0 + step : j->rows;
+    const float *b = j->b;
+    const int act = j->act;
+    int64_t bad = 0;
     size_t r, c;
     for (r = r0; r < r1; r++) {
-        float *zr = j->z + r * j->ldz, *ar = j->a + r * j->lda;
-        if (j->b != NULL)
-            for (c = 0; c < j->cols; c++)
-                zr[c] += j->b[c];
+        float *zr = j->z + r * ldz, *ar = j->a + r * lda;
+        if (b != NULL)
+            for (c = 0; c < cols; c++)
+                zr[c] += b[c];
         /* relu would turn NaN and -inf into 0 and hide an overflow: count them first */
-        j->bad[thread] += count_out_of_range(zr, j->cols);
-        if (j->act == SAGD_RELU) { /* the common case, kept vectorizable */
-            for (c = 0; c < j->cols; c++)
+        bad += count_out_of_range(zr, cols);
+        if (act == SAGD_RELU) { /* the common case, kept vectorizable */
+            for (c = 0; c < cols; c++)
                 ar[c] = zr[c] > 0.0f ? zr[c] : 0.0f;
-        } else if (j->act != SAGD_IDENTITY || ar != zr) {
-            for (c = 0; c < j->cols; c++)
-                ar[c] = activate(j->act, zr[c]);
+        } else if (act != SAGD_IDENTITY || ar != zr) {
+            for (c = 0; c < cols; c++)
+                ar[c] = activate(act, zr[c]);
         }
     }
+    ((rows_job *)ctx)->bad[thread] += bad;
 }
 
 int64_t sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z,
@@ -96,28 +103,30 @@ int64_t sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *
 
 static void act_backward_rows(void *ctx, long chunk, int thread)
 {
-    rows_job *j = (rows_job *)ctx;
-    size_t r0 = (size_t)chunk * j->step, r1 = r0 + j->step < j->rows ? r0 + j->step : j->rows;
+    const rows_job *j = (const rows_job *)ctx;
+    const size_t cols = j->cols, ld = j->lda, ldd = j->ldd, step = j->step;
+    const size_t r0 = (size_t)chunk * step, r1 = r0 + step < j->rows ? r0 + step : j->rows;
+    const int act = j->act;
     size_t r, c;
     (void)thread;
     for (r = r0; r < r1; r++) {
-        const float *ar = j->a_in + r * j->lda, *zr = j->z_in + r * j->lda;
-        float *dr = j->d + r * j->ldd;
-        switch (j->act) {
+        const float *ar = j->a_in + r * ld, *zr = j->z_in + r * ld;
+        float *dr = j->d + r * ldd;
+        switch (act) {
         case SAGD_RELU:
-            for (c = 0; c < j->cols; c++)
+            for (c = 0; c < cols; c++)
                 dr[c] = ar[c] > 0.0f ? dr[c] : 0.0f;
             break;
         case SAGD_TANH:
-            for (c = 0; c < j->cols; c++)
+            for (c = 0; c < cols; c++)
                 dr[c] *= 1.0f - ar[c] * ar[c];
             break;
         case SAGD_SIGMOID:
-            for (c = 0; c < j->cols; c++)
+            for (c = 0; c < cols; c++)
                 dr[c] *= ar[c] * (1.0f - ar[c]);
             break;
         case SAGD_GELU:
-            for (c = 0; c < j->cols; c++) {
+            for (c = 0; c < cols; c++) {
                 float v = zr[c];
                 float cdf = 0.5f * (1.0f + erff(v * SQRT1_2));
                 dr[c] *= cdf + v * INV_SQRT_2PI * expf(-0.5f * v * v);

@@ -84,17 +84,103 @@ typedef struct {
 } sagd_optim;
 
 /*
- * One optimizer step on n elements (a tile, flattened).
- *   w      the current weights as fp32 (decoded)
- *   g      in: this pass's share of the gradient; out (phase & APPLY): the new weights
- *   m, v   optimizer state stored in state_fmt (SAGD_FP32 or SAGD_BF16); v only for Adam
- *   rng_m, rng_v  random bits for the state writes (NULL: nearest)
- * Math is fp32. A new value that is not finite is never stored: the old value is kept
- * (in g, the old weight), and the count of such elements is returned.
+ * n values kept in a storage format: fmt, data (NULL: absent), the scale of int8 values,
+ * and the random bits of writes into it (rng NULL: round to nearest).
  */
-int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const float *w, float *g,
-                        void *m, void *v, int state_fmt, const sagd_rng *rng_m,
-                        const sagd_rng *rng_v, uint64_t first_elem);
+typedef struct {
+    void *data;
+    int fmt;
+    float scale;
+    const sagd_rng *rng;
+} sagd_stored;
+
+/*
+ * One optimizer step on n elements (a tile, flattened), in one pass: decode each weight,
+ * update the optimizer state, and (phase & APPLY) round the new weight back into w.
+ *   w      the weights as stored: fp32, bf16 or fp16. int8 weights are passed decoded,
+ *          as an fp32 run that receives the new values; the caller then chooses each
+ *          row's scale and rounds the row (Stored.write_rows).
+ *   g      this pass's share of the gradient
+ *   m, v   optimizer state (fmt SAGD_FP32 or SAGD_BF16); v only for Adam; m.data NULL for
+ *          plain SGD, which applies every pass
+ * Math is fp32. A new value that is not finite is never stored: the old one is kept, and
+ * the count of such elements is returned.
+ */
+int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const sagd_stored *w,
+                        float *g, const sagd_stored *m, const sagd_stored *v,
+                        uint64_t first_elem);
+
+/* ---------------------------------------------------------------- tensors and layers */
+
+/* A rows x cols tensor kept in a storage format (int8: one scale per row). id selects
+   the random bits of writes into it. */
+typedef struct {
+    void *data;
+    int fmt;
+    float *scales;
+    size_t rows, cols;
+    uint32_t id;
+} sagd_tensor;
+
+/* One optimizer pass over a tensor: the optimizer's numbers for this step, the phase,
+   and the random bits (stream = id << 16 | micro, at step; stochastic 0: nearest). */
+typedef struct {
+    sagd_optim opt;
+    int phase;
+    uint64_t seed, step;
+    uint32_t micro;
+    int stochastic;
+} sagd_update;
+
+/* Decode rows r0..r1-1, columns c0..c1-1 of t into out (row stride ldo). */
+void sagd_tensor_decode(const sagd_tensor *t, size_t r0, size_t r1, size_t c0, size_t c1,
+                        float *out, size_t ldo);
+/* Round rows r0..r1-1 from x (int8 rows first get a new scale when they fit it badly). */
+int64_t sagd_tensor_write(sagd_tensor *t, size_t r0, size_t r1, const float *x,
+                          const sagd_rng *rng);
+/* The fused update of rows r0..r1-1 of p with gradient g (clobbered); m, v: state or NULL;
+   decoded: (r1 - r0) * cols floats of scratch, used by int8 tensors. */
+int64_t sagd_update_rows(const sagd_update *u, sagd_tensor *p, size_t r0, size_t r1,
+                         float *decoded, float *g, sagd_tensor *m, sagd_tensor *v);
+
+/* BLAS sgemm as reference BLAS declares it: column-major, every argument by address. */
+typedef void (*sagd_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
+                              float *alpha, float *a, int *lda, float *b, int *ldb,
+                              float *beta, float *c, int *ldc);
+
+/* A row-major matrix view: element (r, c) at p[r * ld + c], or p[c * ld + r] when
+   colmajor (an F-ordered array). */
+typedef struct {
+    float *p;
+    int ld;
+    int colmajor;
+} sagd_matrix;
+
+/* Floats of scratch one thread needs for a tile of tile_rows rows. */
+size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in);
+size_t sagd_backward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in);
+
+/*
+ * out = act(z), z = a @ W^T + b for `batch` rows of a; tiles of tile_rows rows of W run in
+ * parallel on up to `slots` threads, each with its slot of scratch (sagd_forward_slot).
+ * Returns the count of z that overflowed (see sagd_bias_act).
+ */
+int64_t sagd_dense_forward(sagd_sgemm_fn gemm, int act, size_t batch, const sagd_matrix *a,
+                           const sagd_tensor *W, const sagd_tensor *b, float *z, size_t ldz,
+                           float *out, size_t ldo, size_t tile_rows, float *scratch,
+                           size_t slots);
+
+/*
+ * Backward pass of z = a @ W^T + b from g = dL/dz, with the fused update of W and b.
+ * dA (NULL: not wanted) receives g @ W computed with the weights before the update.
+ * uw updates W, ub the biases (e.g. without weight decay). Returns the count of updates
+ * that were not finite (and were not stored).
+ */
+int64_t sagd_dense_backward(sagd_sgemm_fn gemm, size_t batch, const sagd_matrix *g,
+                            const sagd_matrix *a, float *dA, size_t ldA, sagd_tensor *W,
+                            sagd_tensor *b, sagd_tensor *mW, sagd_tensor *vW, sagd_tensor *mb,
+                            sagd_tensor *vb, const sagd_update *uw, const sagd_update *ub,
+                            size_t tile_rows, float *scratch, size_t slots);
 
 /* Activations. */
 enum sagd_activation {

@@ -59,6 +59,7 @@ static struct {
 } pool;
 
 static int wanted = 0; /* threads asked for; 0: one per available core */
+static int cores = 1;  /* available cores, read once by sagd_threads_init */
 
 static int available_cores(void)
 {
@@ -83,7 +84,7 @@ void sagd_set_threads(int n) { wanted = n > 0 ? n : 0; }
 
 int sagd_get_threads(void)
 {
-    int n = wanted > 0 ? wanted : available_cores();
+    int n = wanted > 0 ? wanted : cores;
     return n < SAGD_MAX_THREADS ? n : SAGD_MAX_THREADS;
 }
 
@@ -170,6 +171,7 @@ void sagd_threads_init(void)
 {
     if (pool.ready)
         return;
+    cores = available_cores();
     LOCK_INIT(&pool.busy);
     LOCK_INIT(&pool.lock);
     COND_INIT(&pool.wake);
@@ -182,8 +184,15 @@ void sagd_threads_init(void)
 
 void sagd_parallel(long n_chunks, sagd_chunk_fn fn, void *ctx)
 {
+    sagd_parallel_upto(n_chunks, SAGD_MAX_THREADS, fn, ctx);
+}
+
+void sagd_parallel_upto(long n_chunks, int max_threads, sagd_chunk_fn fn, void *ctx)
+{
     int n = sagd_get_threads();
     long c;
+    if (n > max_threads)
+        n = max_threads;
     if (n > n_chunks)
         n = (int)n_chunks;
     if (n <= 1 || !pool.ready || !TRYLOCK(&pool.busy)) {

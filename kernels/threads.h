@@ -15,4 +15,7 @@ typedef void (*sagd_chunk_fn)(void *ctx, long chunk, int thread);
  */
 void sagd_parallel(long n_chunks, sagd_chunk_fn fn, void *ctx);
 
+/* sagd_parallel on at most max_threads threads. */
+void sagd_parallel_upto(long n_chunks, int max_threads, sagd_chunk_fn fn, void *ctx);
+
 #endif

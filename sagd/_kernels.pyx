@@ -13,6 +13,11 @@ from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
 
+cdef extern from "threads.h" nogil:
+    enum:
+        SAGD_MAX_THREADS
+
+
 cdef extern from "sagd_kernels.h" nogil:
     enum:
         SAGD_FP32, SAGD_BF16, SAGD_FP16, SAGD_INT8
@@ -38,9 +43,56 @@ cdef extern from "sagd_kernels.h" nogil:
     int64_t sagd_encode(int fmt, const float *x, size_t n, void *out, float scale,
                         const sagd_rng *rng, uint64_t first_elem)
     void sagd_decode(int fmt, const void *inp, size_t n, float scale, float *out)
-    int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const float *w,
-                            float *g, void *m, void *v, int state_fmt, const sagd_rng *rng_m,
-                            const sagd_rng *rng_v, uint64_t first_elem)
+    ctypedef struct sagd_stored:
+        void *data
+        int fmt
+        float scale
+        const sagd_rng *rng
+
+    ctypedef struct sagd_tensor:
+        void *data
+        int fmt
+        float *scales
+        size_t rows, cols
+        uint32_t id
+
+    ctypedef struct sagd_update:
+        sagd_optim opt
+        int phase
+        uint64_t seed, step
+        uint32_t micro
+        int stochastic
+
+    ctypedef void (*sagd_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
+                                   float *, int *, float *, float *, int *)
+
+    ctypedef struct sagd_matrix:
+        float *p
+        int ld
+        int colmajor
+
+    void sagd_tensor_decode(const sagd_tensor *t, size_t r0, size_t r1, size_t c0, size_t c1,
+                            float *out, size_t ldo)
+    int64_t sagd_tensor_write(sagd_tensor *t, size_t r0, size_t r1, const float *x,
+                              const sagd_rng *rng)
+    int64_t sagd_update_rows(const sagd_update *u, sagd_tensor *p, size_t r0, size_t r1,
+                             float *decoded, float *g, sagd_tensor *m, sagd_tensor *v)
+    size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
+    size_t sagd_backward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
+    int64_t sagd_dense_forward(sagd_sgemm_fn gemm, int act, size_t batch, const sagd_matrix *a,
+                               const sagd_tensor *W, const sagd_tensor *b, float *z,
+                               size_t ldz, float *out, size_t ldo, size_t tile_rows,
+                               float *scratch, size_t slots)
+    int64_t sagd_dense_backward(sagd_sgemm_fn gemm, size_t batch, const sagd_matrix *g,
+                                const sagd_matrix *a, float *dA, size_t ldA, sagd_tensor *W,
+                                sagd_tensor *b, sagd_tensor *mW, sagd_tensor *vW,
+                                sagd_tensor *mb, sagd_tensor *vb, const sagd_update *uw,
+                                const sagd_update *ub, size_t tile_rows, float *scratch,
+                                size_t slots)
+
+    int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const sagd_stored *w,
+                            float *g, const sagd_stored *m, const sagd_stored *v,
+                            uint64_t first_elem)
     int64_t sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z,
                           size_t ldz, float *a, size_t lda)
     void sagd_act_backward(int act, size_t rows, size_t cols, const float *z, const float *a,
@@ -159,11 +211,6 @@ def permute(uint64_t n, uint64_t seed, uint32_t round, int64_t[::1] idx):
 
 # ------------------------------------------------------------------ formats
 
-cdef inline uint32_t stream_id(uint32_t tensor_id, uint32_t micro) noexcept nogil:
-    # one stream per tensor and write pass; micro-batch passes of one step differ
-    return (tensor_id << 16) | (micro & 0xffff)
-
-
 cdef inline size_t _code_size(int fmt) noexcept nogil:
     return 4 if fmt == SAGD_FP32 else (1 if fmt == SAGD_INT8 else 2)
 
@@ -217,11 +264,7 @@ cdef class Stored:
     """
     cdef readonly object codes
     cdef readonly object scales
-    cdef readonly int fmt
-    cdef readonly Py_ssize_t rows, cols
-    cdef public uint32_t tensor_id
-    cdef char* data
-    cdef float* scale_data
+    cdef sagd_tensor t
 
     def __init__(self, codes, str fmt, uint32_t tensor_id, scales=None):
         cdef int f = FORMATS[fmt]
@@ -231,77 +274,52 @@ cdef class Stored:
             raise ValueError(f"codes must be a non-empty 1-D or 2-D array, got shape "
                              f"{codes.shape}")
         self.codes = codes
-        self.fmt = f
-        self.tensor_id = tensor_id
-        self.rows = codes.shape[0]
-        self.cols = codes.shape[1] if codes.ndim == 2 else 1
-        self.data = _data_ptr(codes, "codes")
+        self.t.fmt = f
+        self.t.id = tensor_id
+        self.t.rows = codes.shape[0]
+        self.t.cols = codes.shape[1] if codes.ndim == 2 else 1
+        self.t.data = _data_ptr(codes, "codes")
         self.scales = None
-        self.scale_data = NULL
+        self.t.scales = NULL
         if f == SAGD_INT8:
             if (not isinstance(scales, np.ndarray) or scales.dtype != np.float32
-                    or scales.shape != (self.rows,)):
-                raise ValueError(f"int8 needs float32 scales of shape ({self.rows},)")
+                    or scales.shape != (self.t.rows,)):
+                raise ValueError(f"int8 needs float32 scales of shape ({self.t.rows},)")
             self.scales = scales
-            self.scale_data = <float*>_data_ptr(scales, "scales")
+            self.t.scales = <float*>_data_ptr(scales, "scales")
         elif scales is not None:
             raise ValueError(f"{fmt} tensors have no scales")
 
     @property
     def format(self):
-        return {v: k for k, v in FORMATS.items()}[self.fmt]
+        return {v: k for k, v in FORMATS.items()}[self.t.fmt]
+
+    @property
+    def fmt(self):
+        return self.t.fmt
+
+    @property
+    def rows(self):
+        return self.t.rows
+
+    @property
+    def cols(self):
+        return self.t.cols
+
+    @property
+    def tensor_id(self):
+        return self.t.id
 
     @property
     def nbytes(self):
         return self.codes.nbytes + (self.scales.nbytes if self.scales is not None else 0)
-
-    cdef inline char* row(self, Py_ssize_t r) noexcept nogil:
-        return self.data + r * self.cols * _code_size(self.fmt)
-
-    cdef inline float scale(self, Py_ssize_t r) noexcept nogil:
-        return self.scale_data[r] if self.fmt == SAGD_INT8 else 1.0
-
-    cdef void decode_rows(self, Py_ssize_t r0, Py_ssize_t r1, float* out) noexcept nogil:
-        cdef Py_ssize_t r
-        if self.fmt == SAGD_INT8:
-            for r in range(r0, r1):
-                sagd_decode(self.fmt, self.row(r), self.cols, self.scale_data[r],
-                            out + (r - r0) * self.cols)
-        else:
-            sagd_decode(self.fmt, self.row(r0), (r1 - r0) * self.cols, 1.0, out)
-
-    cdef int64_t write_rows(self, Py_ssize_t r0, Py_ssize_t r1, const float* x,
-                            const sagd_rng* rng) noexcept nogil:
-        """Round rows r0..r1-1 from x. An int8 row gets a new scale when it has outgrown
-        its range or uses less than half of it."""
-        cdef Py_ssize_t r, c
-        cdef int64_t bad = 0
-        cdef float mx, v, sc
-        cdef const float* xr
-        if self.fmt != SAGD_INT8:
-            return sagd_encode(self.fmt, x, (r1 - r0) * self.cols, self.row(r0), 1.0, rng,
-                               r0 * self.cols)
-        for r in range(r0, r1):
-            xr = x + (r - r0) * self.cols
-            mx = 0.0
-            for c in range(self.cols):
-                v = xr[c] if xr[c] >= 0 else -xr[c]
-                mx = v if v > mx else mx   # NaN never wins this comparison
-            sc = self.scale_data[r]
-            if not sc > 0:
-                sc = self.scale_data[r] = 1.0
-            if mx > 0 and mx < 3.0e38 and (mx > 127.0 * sc or mx < 63.5 * sc):
-                self.scale_data[r] = mx / 127.0
-            bad += sagd_encode(self.fmt, xr, self.cols, self.row(r), self.scale_data[r], rng,
-                               r * self.cols)
-        return bad
 
     def to_float(self):
         """The fp32 values, as a new array shaped like codes."""
         out = np.empty(self.codes.shape, dtype=np.float32)
         cdef float[::1] o = out.reshape(-1)
         with nogil:
-            self.decode_rows(0, self.rows, &o[0])
+            sagd_tensor_decode(&self.t, 0, self.t.rows, 0, self.t.cols, &o[0], self.t.cols)
         return out
 
     def assign(self, x, bint stochastic=True, uint64_t seed=0, uint64_t step=0,
@@ -309,15 +327,19 @@ cdef class Stored:
         """Round rows r0 .. r0 + len(x) - 1 from fp32 values x; returns the non-finite count.
         int8 rows are given the scale max|row| / 127 when they fit their old one badly."""
         cdef const float[:, ::1] xv = np.ascontiguousarray(x, dtype=np.float32).reshape(
-            -1, self.cols)
+            -1, self.t.cols)
         cdef Py_ssize_t r1 = r0 + xv.shape[0]
-        if r0 < 0 or r1 > self.rows or xv.shape[0] == 0:
-            raise ValueError(f"rows {r0}..{r1} are outside 0..{self.rows}")
-        cdef sagd_rng r = make_rng(seed, stream_id(self.tensor_id, micro), step)
+        if r0 < 0 or r1 > <Py_ssize_t>self.t.rows or xv.shape[0] == 0:
+            raise ValueError(f"rows {r0}..{r1} are outside 0..{self.t.rows}")
+        cdef sagd_rng r = make_rng(seed, (self.t.id << 16) | (micro & 0xffff), step)
         cdef int64_t bad
         with nogil:
-            bad = self.write_rows(r0, r1, &xv[0, 0], &r if stochastic else NULL)
+            bad = sagd_tensor_write(&self.t, r0, r1, &xv[0, 0], &r if stochastic else NULL)
         return bad
+
+
+cdef sagd_tensor* _tensor(Stored s) noexcept:
+    return &s.t if s is not None else NULL
 
 
 # ------------------------------------------------------------------ one optimizer step
@@ -325,177 +347,144 @@ cdef class Stored:
 cdef class Step:
     """What one pass of the optimizer does: its numbers for this step (learning rate, bias
     corrections, micro-batch factors), the phase, and where its random bits come from."""
-    cdef sagd_optim opt
-    cdef public int phase
-    cdef public uint64_t seed, step
-    cdef public uint32_t micro
-    cdef public bint stochastic
+    cdef sagd_update u
 
     def __init__(self, str kind="adam", float lr=1e-3, float momentum=0.0, bint nesterov=False,
                  float beta1=0.9, float beta2=0.999, float eps=1e-8, float l2=0.0,
                  float decay=0.0, uint64_t seed=0, bint stochastic=True):
         if kind not in ("sgd", "adam"):
             raise ValueError(f"kind must be 'sgd' or 'adam', got {kind!r}")
-        self.opt.kind = SAGD_ADAM if kind == "adam" else SAGD_SGD
-        self.opt.nesterov = nesterov
-        self.opt.lr = lr
-        self.opt.momentum = momentum
-        self.opt.beta1 = beta1
-        self.opt.beta2 = beta2
-        self.opt.eps = eps
-        self.opt.l2 = l2
-        self.opt.decay = decay
-        self.opt.bc1 = 1.0
-        self.opt.bc2 = 1.0
-        self.opt.vscale = 1.0
-        self.opt.gscale = 1.0
-        self.phase = SAGD_BEGIN | SAGD_APPLY
-        self.seed = seed
-        self.step = 1
-        self.micro = 0
-        self.stochastic = stochastic
+        self.u.opt.kind = SAGD_ADAM if kind == "adam" else SAGD_SGD
+        self.u.opt.nesterov = nesterov
+        self.u.opt.lr = lr
+        self.u.opt.momentum = momentum
+        self.u.opt.beta1 = beta1
+        self.u.opt.beta2 = beta2
+        self.u.opt.eps = eps
+        self.u.opt.l2 = l2
+        self.u.opt.decay = decay
+        self.u.opt.bc1 = 1.0
+        self.u.opt.bc2 = 1.0
+        self.u.opt.vscale = 1.0
+        self.u.opt.gscale = 1.0
+        self.u.phase = SAGD_BEGIN | SAGD_APPLY
+        self.u.seed = seed
+        self.u.step = 1
+        self.u.micro = 0
+        self.u.stochastic = stochastic
 
     @property
     def lr(self):
-        return self.opt.lr
+        return self.u.opt.lr
 
     @lr.setter
     def lr(self, float v):
-        self.opt.lr = v
+        self.u.opt.lr = v
 
     @property
     def bc1(self):
-        return self.opt.bc1
+        return self.u.opt.bc1
 
     @bc1.setter
     def bc1(self, float v):
-        self.opt.bc1 = v
+        self.u.opt.bc1 = v
 
     @property
     def bc2(self):
-        return self.opt.bc2
+        return self.u.opt.bc2
 
     @bc2.setter
     def bc2(self, float v):
-        self.opt.bc2 = v
+        self.u.opt.bc2 = v
 
     @property
     def vscale(self):
-        return self.opt.vscale
+        return self.u.opt.vscale
 
     @vscale.setter
     def vscale(self, float v):
-        self.opt.vscale = v
+        self.u.opt.vscale = v
 
     @property
     def gscale(self):
-        return self.opt.gscale
+        return self.u.opt.gscale
 
     @gscale.setter
     def gscale(self, float v):
-        self.opt.gscale = v
+        self.u.opt.gscale = v
 
     @property
     def beta1(self):
-        return self.opt.beta1
+        return self.u.opt.beta1
 
     @property
     def beta2(self):
-        return self.opt.beta2
+        return self.u.opt.beta2
 
     @property
-    def begins(self):
-        return bool(self.phase & SAGD_BEGIN)
+    def step(self):
+        return self.u.step
+
+    @step.setter
+    def step(self, uint64_t v):
+        self.u.step = v
 
     @property
-    def applies(self):
-        return bool(self.phase & SAGD_APPLY)
+    def micro(self):
+        return self.u.micro
+
+    @micro.setter
+    def micro(self, uint32_t v):
+        self.u.micro = v
+
+    @property
+    def stochastic(self):
+        return bool(self.u.stochastic)
 
     def set_phase(self, bint begin, bint apply):
-        self.phase = (SAGD_BEGIN if begin else 0) | (SAGD_APPLY if apply else 0)
-
-    cdef int64_t update(self, Stored p, Py_ssize_t r0, Py_ssize_t r1, const float* w, float* g,
-                        Stored m, Stored v) noexcept nogil:
-        """The fused update of rows r0..r1-1 of p: states in place, new weights rounded
-        into p. w: the rows' current fp32 values; g: their gradient (clobbered)."""
-        cdef size_t n = (r1 - r0) * p.cols
-        cdef sagd_rng rm, rv, rp
-        cdef int64_t bad
-        cdef int sfmt = m.fmt if m is not None else SAGD_FP32
-        cdef int phase = self.phase
-        if m is None:  # plain SGD applies every pass
-            phase = phase | SAGD_APPLY
-        if m is not None:
-            rm = make_rng(self.seed, stream_id(m.tensor_id, self.micro), self.step)
-        if v is not None:
-            rv = make_rng(self.seed, stream_id(v.tensor_id, self.micro), self.step)
-        bad = sagd_optim_step(&self.opt, phase, n, w, g,
-                              m.row(r0) if m is not None else NULL,
-                              v.row(r0) if v is not None else NULL, sfmt,
-                              &rm if self.stochastic and m is not None else NULL,
-                              &rv if self.stochastic and v is not None else NULL,
-                              r0 * p.cols)
-        if phase & SAGD_APPLY:
-            rp = make_rng(self.seed, stream_id(p.tensor_id, self.micro), self.step)
-            bad += p.write_rows(r0, r1, g, &rp if self.stochastic else NULL)
-        return bad
+        self.u.phase = (SAGD_BEGIN if begin else 0) | (SAGD_APPLY if apply else 0)
 
 
-def optim_step(Step s, Stored p, float[::1] w, float[::1] g, Stored m=None, Stored v=None,
+def optim_step(Step s, Stored p, float[::1] g, Stored m=None, Stored v=None,
                Py_ssize_t r0=0):
-    """The fused update of rows r0.. of p (w: their fp32 values, g: gradient, clobbered)
-    with s; returns the count of non-finite results that were not stored."""
-    if w.shape[0] != g.shape[0] or w.shape[0] % p.cols or w.shape[0] == 0:
-        raise ValueError("w and g must hold the same whole number of rows of p")
-    cdef Py_ssize_t r1 = r0 + w.shape[0] // p.cols
-    if r1 > p.rows or r0 < 0:
-        raise ValueError(f"rows {r0}..{r1} are outside 0..{p.rows}")
+    """The fused update of rows r0.. of p (g: their gradient, clobbered) with s; returns
+    the count of non-finite results that were not stored."""
+    if g.shape[0] % p.t.cols or g.shape[0] == 0:
+        raise ValueError("g must hold a whole number of rows of p")
+    cdef Py_ssize_t r1 = r0 + g.shape[0] // p.t.cols
+    if r1 > <Py_ssize_t>p.t.rows or r0 < 0:
+        raise ValueError(f"rows {r0}..{r1} are outside 0..{p.t.rows}")
     for name, st in (("m", m), ("v", v)):
         if st is not None and (st.rows != p.rows or st.cols != p.cols):
             raise ValueError(f"state {name} has shape ({st.rows}, {st.cols}), "
                              f"the tensor ({p.rows}, {p.cols})")
-    if s.opt.kind == SAGD_ADAM and (m is None or v is None):
+    if s.u.opt.kind == SAGD_ADAM and (m is None or v is None):
         raise ValueError("adam needs both states m and v")
+    cdef float[::1] decoded = np.empty(g.shape[0], np.float32)
+    cdef sagd_tensor* tm = _tensor(m)
+    cdef sagd_tensor* tv = _tensor(v)
     cdef int64_t bad
     with nogil:
-        bad = s.update(p, r0, r1, &w[0], &g[0], m, v)
+        bad = sagd_update_rows(&s.u, &p.t, r0, r1, &decoded[0], &g[0], tm, tv)
     return bad
 
 
 # ------------------------------------------------------------------ dense layers
 
-cdef struct Operand:
-    float* p     # first element
-    int ld       # leading dimension, in elements
-    bint colmajor  # True when memory holds the matrix column by column (F order)
-
-
-cdef Operand _operand(const float[:, :] x, str name) except *:
-    cdef Operand o
+cdef sagd_matrix _matrix(const float[:, :] x, str name) except *:
+    """A BLAS view of x: it needs one unit stride (C or F order)."""
+    cdef sagd_matrix o
     cdef Py_ssize_t s0 = x.strides[0] // 4, s1 = x.strides[1] // 4
     if x.strides[0] % 4 or x.strides[1] % 4:
         raise ValueError(f"{name} is not aligned to whole float32 elements")
     o.p = <float*>&x[0, 0]
     if s1 == 1 and s0 >= max(x.shape[1], 1):
-        o.ld, o.colmajor = max(s0, 1), False
+        o.ld, o.colmajor = max(s0, 1), 0
     elif s0 == 1 and s1 >= max(x.shape[0], 1):
-        o.ld, o.colmajor = max(s1, 1), True
+        o.ld, o.colmajor = max(s1, 1), 1
     else:
         raise ValueError(f"{name} must have one unit stride (C or F order) for BLAS")
     return o
-
-
-cdef inline float* _at(Operand o, Py_ssize_t r, Py_ssize_t c) noexcept nogil:
-    return o.p + (c * o.ld + r if o.colmajor else r * o.ld + c)
-
-
-cdef inline void _gemm(bint ta, Operand A, bint tb, Operand B, int m, int n, int k,
-                       float alpha, float beta, float* C, int ldc) noexcept nogil:
-    """Row-major C (m x n) = alpha * op(A) @ op(B) + beta * C, op(X) = X^T when t is set.
-    BLAS is column-major, so it computes C^T = op(B)^T op(A)^T: operands swap."""
-    cdef char ca = b'T' if (ta ^ A.colmajor) else b'N'
-    cdef char cb = b'T' if (tb ^ B.colmajor) else b'N'
-    sgemm(&cb, &ca, &n, &m, &k, &alpha, B.p, &B.ld, A.p, &A.ld, &beta, C, &ldc)
 
 
 def as_blas_operand(x):
@@ -506,68 +495,60 @@ def as_blas_operand(x):
     return np.ascontiguousarray(x)
 
 
-def forward_scratch_size(str fmt, str bias_fmt, Py_ssize_t tile_rows, Py_ssize_t n_in):
-    """Floats of scratch dense_forward needs for one tile."""
-    return ((tile_rows * n_in if fmt != "fp32" else 0)
-            + (tile_rows if bias_fmt != "fp32" else 0))
+def forward_scratch_size(str fmt, str bias_fmt, Py_ssize_t tile_rows, Py_ssize_t n_in,
+                         Py_ssize_t slots=1):
+    """Floats of scratch dense_forward needs to run tiles of tile_rows rows on `slots`
+    threads at once (each thread decodes its tile)."""
+    return slots * sagd_forward_slot(FORMATS[fmt], FORMATS[bias_fmt], tile_rows, n_in)
 
 
-def backward_scratch_size(str fmt, str bias_fmt, Py_ssize_t tile_rows, Py_ssize_t n_in):
-    """Floats of scratch dense_backward needs for one tile: the decoded weights (not for
-    fp32), the weight gradient, the bias gradient and the decoded biases (not for fp32)."""
-    return tile_rows * n_in + tile_rows + forward_scratch_size(fmt, bias_fmt, tile_rows, n_in)
+def backward_scratch_size(str fmt, str bias_fmt, Py_ssize_t tile_rows, Py_ssize_t n_in,
+                          Py_ssize_t slots=1):
+    """Floats of scratch dense_backward needs per `slots` threads: each thread's weight
+    gradient tile, bias gradient, and decoded tile (not for fp32)."""
+    return slots * sagd_backward_slot(FORMATS[fmt], FORMATS[bias_fmt], tile_rows, n_in)
+
+
+cdef Py_ssize_t _slots(Py_ssize_t have, size_t per_slot, str what) except -1:
+    if per_slot == 0:
+        return SAGD_MAX_THREADS
+    if have < <Py_ssize_t>per_slot:
+        raise ValueError(f"scratch holds {have} floats, {per_slot} needed ({what})")
+    return have // per_slot
 
 
 cdef void _check_layer(Stored W, Stored b) except *:
-    if b is not None and (b.rows != W.rows or b.cols != 1):
+    if b is not None and (b.t.rows != W.t.rows or b.t.cols != 1):
         raise ValueError(f"bias has shape ({b.rows}, {b.cols}), expected ({W.rows},)")
 
 
 def dense_forward(const float[:, :] a, Stored W, Stored b, float[:, ::1] z, float[:, ::1] out,
                   str activation, Py_ssize_t tile_rows, float[::1] scratch):
-    """out = act(z), z = a @ W^T + b, W read tile_rows rows at a time (decoded into scratch).
-    out may be z itself (not for gelu, whose backward needs z). Returns the number of z
-    that are NaN, infinite or beyond 2^64 in magnitude (0 unless the layer overflowed)."""
+    """out = act(z), z = a @ W^T + b, W read tile_rows rows at a time (decoded into
+    scratch). Tiles run in parallel on as many threads as scratch has room for
+    (forward_scratch_size). out may be z itself (not for gelu, whose backward needs z).
+    Returns the number of z that are NaN, infinite or beyond 2^64 in magnitude."""
     cdef int act = ACTIVATIONS[activation]
-    cdef Py_ssize_t B = a.shape[0], n_in = W.cols, n_out = W.rows, r0, r1, T
+    cdef Py_ssize_t B = a.shape[0], n_in = W.t.cols, n_out = W.t.rows, T
     T = min(max(tile_rows, 1), n_out)
     _check_layer(W, b)
     if a.shape[1] != n_in:
         raise ValueError(f"input has {a.shape[1]} features, the layer takes {n_in}")
     if z.shape[0] != B or z.shape[1] != n_out or out.shape[0] != B or out.shape[1] != n_out:
         raise ValueError(f"z and out must have shape ({B}, {n_out})")
-    need = forward_scratch_size(W.format, b.format if b is not None else "fp32", T, n_in)
-    if scratch.shape[0] < need:
-        raise ValueError(f"scratch holds {scratch.shape[0]} floats, {need} needed")
+    cdef size_t per = sagd_forward_slot(W.t.fmt, b.t.fmt if b is not None else SAGD_FP32, T,
+                                        n_in)
+    cdef Py_ssize_t slots = _slots(scratch.shape[0], per, "dense_forward")
     if B == 0:
         return 0
-    cdef Operand A = _operand(a, "a"), Wt
-    cdef int64_t bad = 0
-    cdef float* wbuf = &scratch[0] if scratch.shape[0] else NULL
-    cdef float* bbuf = wbuf + (T * n_in if W.fmt != SAGD_FP32 else 0)
-    cdef float* bias
-    cdef int ldz = z.strides[0] // 4, ldo = out.strides[0] // 4
-    Wt.ld = n_in
-    Wt.colmajor = False
+    cdef sagd_matrix A = _matrix(a, "a")
+    cdef float* sp = &scratch[0] if scratch.shape[0] else NULL
+    cdef sagd_tensor* tb = _tensor(b)
+    cdef int64_t bad
     with nogil:
-        r0 = 0
-        while r0 < n_out:
-            r1 = min(n_out, r0 + T)
-            if W.fmt == SAGD_FP32:
-                Wt.p = <float*>W.row(r0)
-            else:
-                W.decode_rows(r0, r1, wbuf)
-                Wt.p = wbuf
-            _gemm(False, A, True, Wt, B, r1 - r0, n_in, 1.0, 0.0, &z[0, r0], ldz)
-            bias = NULL
-            if b is not None:
-                if b.fmt == SAGD_FP32:
-                    bias = <float*>b.row(r0)
-                else:
-                    b.decode_rows(r0, r1, bbuf)
-                    bias = bbuf
-            bad += sagd_bias_act(act, B, r1 - r0, bias, &z[0, r0], ldz, &out[0, r0], ldo)
-            r0 = r1
+        bad = sagd_dense_forward(<sagd_sgemm_fn>sgemm, act, B, &A, &W.t, tb, &z[0, 0],
+                                 z.strides[0] // 4, &out[0, 0], out.strides[0] // 4, T, sp,
+                                 slots)
     return bad
 
 
@@ -578,15 +559,16 @@ def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Store
 
     g: dL/dz (B x n_out); a: the layer input (B x n_in); dA: None, or a float32 (B x n_in)
     C-contiguous array that receives dL/da = g @ W, computed with the weights before this
-    step's update. For each tile R: W[R] is decoded, dA += g[:, R] @ W[R], dW = g[:, R]^T a
-    and db = sum of g[:, R] go to scratch, then the optimizer updates the states and (when
-    the step applies) rounds the new weights into W[R]. No buffer the size of W exists.
-    bias_step (default: step) updates the biases, e.g. without weight decay.
-    Returns the number of elements whose update was not finite (and was not stored).
+    step's update. Then for each tile R: dW = g[:, R]^T a and db = sum of g[:, R] go to
+    scratch, and the optimizer updates the states and (when the step applies) rounds the
+    new weights into W[R]. No buffer the size of W exists. Tiles run in parallel on as
+    many threads as scratch has room for (backward_scratch_size). bias_step (default:
+    step) updates the biases, e.g. without weight decay. Returns the number of elements
+    whose update was not finite (and was not stored).
     """
     if bias_step is None:
         bias_step = step
-    cdef Py_ssize_t B = g.shape[0], n_in = W.cols, n_out = W.rows, r0, r1, T
+    cdef Py_ssize_t B = g.shape[0], n_in = W.t.cols, n_out = W.t.rows, T
     T = min(max(tile_rows, 1), n_out)
     _check_layer(W, b)
     if g.shape[1] != n_out or a.shape[0] != B or a.shape[1] != n_in:
@@ -595,15 +577,15 @@ def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Store
     for name, st, p in (("mW", mW, W), ("vW", vW, W), ("mb", mb, b), ("vb", vb, b)):
         if st is not None and (p is None or st.rows != p.rows or st.cols != p.cols):
             raise ValueError(f"state {name} does not match its tensor")
-    if step.opt.kind == SAGD_ADAM and (mW is None or vW is None
-                                       or (b is not None and (mb is None or vb is None))):
+    if step.u.opt.kind == SAGD_ADAM and (mW is None or vW is None
+                                         or (b is not None and (mb is None or vb is None))):
         raise ValueError("adam needs states m and v for every tensor")
-    need = backward_scratch_size(W.format, b.format if b is not None else "fp32", T, n_in)
-    if scratch.shape[0] < need:
-        raise ValueError(f"scratch holds {scratch.shape[0]} floats, {need} needed")
+    cdef size_t per = sagd_backward_slot(W.t.fmt, b.t.fmt if b is not None else SAGD_FP32, T,
+                                         n_in)
+    cdef Py_ssize_t slots = _slots(scratch.shape[0], per, "dense_backward")
     cdef float[:, ::1] dAv
     cdef float* dAp = NULL
-    cdef int ldA = 0
+    cdef Py_ssize_t ldA = 0
     if dA is not None:
         dAv = dA
         if dAv.shape[0] != B or dAv.shape[1] != n_in:
@@ -613,52 +595,14 @@ def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Store
             ldA = dAv.strides[0] // 4
     if B == 0:
         return 0
-    cdef Operand G = _operand(g, "g"), A = _operand(a, "a"), Wt, Gt
-    cdef float* gbuf = &scratch[0]
-    cdef float* dbbuf = gbuf + T * n_in
-    cdef float* wbuf = dbbuf + T
-    cdef float* bbuf = wbuf + (T * n_in if W.fmt != SAGD_FP32 else 0)
-    cdef float* bias
-    cdef int64_t bad = 0
-    Wt.ld = n_in
-    Wt.colmajor = False
+    cdef sagd_matrix G = _matrix(g, "g"), A = _matrix(a, "a")
+    cdef sagd_tensor *tb = _tensor(b), *tmW = _tensor(mW), *tvW = _tensor(vW)
+    cdef sagd_tensor *tmb = _tensor(mb), *tvb = _tensor(vb)
+    cdef int64_t bad
     with nogil:
-        r0 = 0
-        while r0 < n_out:
-            r1 = min(n_out, r0 + T)
-            if W.fmt == SAGD_FP32:
-                Wt.p = <float*>W.row(r0)
-            else:
-                W.decode_rows(r0, r1, wbuf)
-                Wt.p = wbuf
-            Gt = G
-            Gt.p = _at(G, 0, r0)
-            if dAp != NULL:
-                _gemm(False, Gt, False, Wt, B, n_in, r1 - r0, 1.0, 0.0 if r0 == 0 else 1.0,
-                      dAp, ldA)
-            _gemm(True, Gt, False, A, r1 - r0, n_in, B, 1.0, 0.0, gbuf, n_in)
-            bad += step.update(W, r0, r1, Wt.p, gbuf, mW, vW)
-            if b is not None:
-                _column_sums(Gt, B, r1 - r0, dbbuf)
-                if b.fmt == SAGD_FP32:
-                    bias = <float*>b.row(r0)
-                else:
-                    b.decode_rows(r0, r1, bbuf)
-                    bias = bbuf
-                bad += bias_step.update(b, r0, r1, bias, dbbuf, mb, vb)
-            r0 = r1
+        bad = sagd_dense_backward(<sagd_sgemm_fn>sgemm, B, &G, &A, dAp, ldA, &W.t, tb, tmW,
+                                  tvW, tmb, tvb, &step.u, &bias_step.u, T, &scratch[0], slots)
     return bad
-
-
-cdef void _column_sums(Operand G, Py_ssize_t rows, Py_ssize_t cols, float* out) noexcept nogil:
-    cdef Py_ssize_t r, c
-    if not G.colmajor:
-        sagd_column_sums(rows, cols, G.p, G.ld, out)
-        return
-    for c in range(cols):
-        out[c] = 0.0
-        for r in range(rows):
-            out[c] += G.p[c * G.ld + r]
 
 
 def bias_act(str activation, float[:, ::1] z, float[::1] b, float[:, ::1] out):

@@ -82,6 +82,7 @@ class Spec:
     n_states: int = 2       # optimizer state tensors per parameter: adam 2, momentum 1, sgd 0
     early_stopping: bool = False
     target_bytes: int = 8   # bytes of one sample's target as given (label or row of targets)
+    slots: int = 1          # threads that process tiles at once, each with its own scratch
 
     @property
     def layers(self):
@@ -101,19 +102,30 @@ class Spec:
 
     def scratch_floats(self, tiles, training):
         size = _kernels.backward_scratch_size if training else _kernels.forward_scratch_size
-        return max(size(self.weights, bias_format(self.weights), t, i)
+        return max(size(self.weights, bias_format(self.weights), t, i, self.slots)
                    for t, (i, _) in zip(tiles, self.layers))
 
-    def tiles_within(self, floats, training):
-        """Per layer, the most rows whose scratch fits in `floats` (at least 1), capped at
-        the layer's rows and at TILE_BYTES_CAP."""
-        size = _kernels.backward_scratch_size if training else _kernels.forward_scratch_size
+    def full_tiles(self):
+        """Tile rows with no budget in the way: a layer split evenly over the threads,
+        each tile at most TILE_BYTES_CAP."""
         tiles = []
         for i, o in self.layers:
-            lo, hi = 1, min(o, max(1, TILE_BYTES_CAP // (4 * i)))
+            t = min(o, max(1, TILE_BYTES_CAP // (4 * i)))
+            pieces = -(-o // t)
+            pieces = -(-pieces // self.slots) * self.slots      # a multiple of the threads
+            tiles.append(max(1, -(-o // pieces)))
+        return tuple(tiles)
+
+    def tiles_within(self, floats, training):
+        """Per layer, the most rows whose scratch fits in `floats` (at least 1), capped as
+        in full_tiles."""
+        size = _kernels.backward_scratch_size if training else _kernels.forward_scratch_size
+        tiles = []
+        for (i, o), top in zip(self.layers, self.full_tiles()):
+            lo, hi = 1, top
             while lo < hi:      # largest t in [lo, hi] with size(t) <= floats
                 mid = (lo + hi + 1) // 2
-                if size(self.weights, bias_format(self.weights), mid, i) <= floats:
+                if size(self.weights, bias_format(self.weights), mid, i, self.slots) <= floats:
                     lo = mid
                 else:
                     hi = mid - 1
@@ -137,6 +149,7 @@ class MemoryPlan:
     tile_rows: tuple
     micro_batch: int
     batch_size: int
+    threads: int = 1
     notes: list = field(default_factory=list)
 
     @property
@@ -151,18 +164,19 @@ class MemoryPlan:
         width = max(len(k) for k in self.breakdown)
         lines = [head] + [f"  {k:<{width}}  {format_bytes(v):>10}"
                           for k, v in self.breakdown.items()]
+        tiles = (f"tile rows {', '.join(map(str, self.tile_rows))}"
+                 + (f" on {self.threads} threads" if self.threads > 1 else ""))
         if self.kind == "fit":
-            lines.append(f"  micro-batch {self.micro_batch} of batch {self.batch_size}; "
-                         f"tile rows {', '.join(map(str, self.tile_rows))}")
+            lines.append(f"  micro-batch {self.micro_batch} of batch {self.batch_size}; {tiles}")
         else:
-            lines.append(f"  chunk of {self.micro_batch} rows; tile rows "
-                         f"{', '.join(map(str, self.tile_rows))}")
+            lines.append(f"  chunk of {self.micro_batch} rows; {tiles}")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
     def to_dict(self):
         return {"kind": self.kind, "budget": self.budget, "min_budget": self.min_budget,
                 "breakdown": dict(self.breakdown), "tile_rows": list(self.tile_rows),
-                "micro_batch": self.micro_batch, "batch_size": self.batch_size}
+                "micro_batch": self.micro_batch, "batch_size": self.batch_size,
+                "threads": self.threads}
 
 
 def _fit_parts(spec, mb, tiles):
@@ -221,10 +235,11 @@ def plan_fit(spec, batch_size, budget):
     ones = (1,) * len(spec.layers)
     least = _fit_parts(spec, 1, ones)
     min_budget = sum(least.values())
-    full = tuple(min(o, max(1, TILE_BYTES_CAP // (4 * i))) for i, o in spec.layers)
+    full = spec.full_tiles()
     if budget is None:
         parts = _fit_parts(spec, batch_size, full)
-        return MemoryPlan("fit", None, min_budget, parts, full, batch_size, batch_size)
+        return MemoryPlan("fit", None, min_budget, parts, full, batch_size, batch_size,
+                          spec.slots)
     if budget < min_budget:
         raise _too_small("this model", budget, min_budget, least)
 
@@ -238,7 +253,7 @@ def plan_fit(spec, batch_size, budget):
     spare = budget - total(mb, ones) + 4 * spec.scratch_floats(ones, True)
     tiles = spec.tiles_within(spare // 4, training=True)
     parts = _fit_parts(spec, mb, tiles)
-    plan = MemoryPlan("fit", budget, min_budget, parts, tiles, mb, batch_size)
+    plan = MemoryPlan("fit", budget, min_budget, parts, tiles, mb, batch_size, spec.slots)
     if mb < batch_size:
         plan.notes.append(
             f"batches of {batch_size} are split into micro-batches of at most {mb}; their "
@@ -252,11 +267,11 @@ def plan_predict(spec, n_rows, out_bytes, budget):
     ones = (1,) * len(spec.layers)
     least = _predict_parts(spec, 1, ones, n_rows, out_bytes)
     min_budget = sum(least.values())
-    full = tuple(min(o, max(1, TILE_BYTES_CAP // (4 * i))) for i, o in spec.layers)
+    full = spec.full_tiles()
     cap = max(1, min(n_rows, 4096))
     if budget is None:
         parts = _predict_parts(spec, cap, full, n_rows, out_bytes)
-        return MemoryPlan("predict", None, min_budget, parts, full, cap, cap)
+        return MemoryPlan("predict", None, min_budget, parts, full, cap, cap, spec.slots)
     if budget < min_budget:
         raise _too_small(f"predicting {n_rows} rows", budget, min_budget, least)
 
@@ -270,7 +285,7 @@ def plan_predict(spec, n_rows, out_bytes, budget):
     tiles = spec.tiles_within(spare // 4, training=False)
     return MemoryPlan("predict", budget, min_budget,
                       _predict_parts(spec, chunk, tiles, n_rows, out_bytes), tiles, chunk,
-                      chunk)
+                      chunk, spec.slots)
 
 
 def micro_batch_sizes(batch, micro):

@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, blas
 from .budget import Spec, plan_fit
 from .formats import FORMATS, bias_format
 from .model import DEFAULTS, Model, _optimizer_kw, check_settings
@@ -243,7 +243,7 @@ def _rebuild(header, arrays, path):
             _fail(path, "bias format does not match the weights")
     spec = Spec(sizes=sizes, activation=s["activation"], weights=s["weights"], state=s["state"],
                 n_states=optimizer.n_states, early_stopping=s["early_stopping"],
-                target_bytes=int(header["target_bytes"]))
+                target_bytes=int(header["target_bytes"]), slots=blas.tile_threads())
     plan = plan_fit(spec, s["batch_size"], s["memory_budget_bytes"])
     task = header["task"]
     if task not in ("classify", "regress"):

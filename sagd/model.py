@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, blas
 from .budget import Spec, parse_budget, plan_fit, plan_predict
 from .data import (as_matrix, as_targets, check_finite, check_labels_known,
                    check_regression_targets, check_sample_weight, find_classes, gather, plain)
@@ -255,7 +255,8 @@ class Model:
         optimizer = Optimizer(**_optimizer_kw(s))
         spec = Spec(sizes=(X.shape[1],) + s["hidden"] + (n_out,), activation=s["activation"],
                     weights=s["weights"], state=s["state"], n_states=optimizer.n_states,
-                    early_stopping=s["early_stopping"], target_bytes=_target_bytes(y))
+                    early_stopping=s["early_stopping"], target_bytes=_target_bytes(y),
+                    slots=blas.tile_threads())
         plan = plan_fit(spec, s["batch_size"], s["memory_budget_bytes"])
         net = Network(spec.sizes, s["activation"], s["weights"])
         net.add_states(optimizer.n_states, s["state"])
@@ -292,19 +293,8 @@ class Model:
         progress = Progress(epochs) if s["verbose"] else None
         done, stopped = 0, False
         try:
-            for e in range(epochs):
-                if progress:
-                    progress.start_epoch(e + 1)
-                loss = trainer.run_epoch(X, y, w, self.classes, n_train, s["shuffle"], progress)
-                done += 1
-                val = (trainer.score(X, y, self.classes, range(n_train, n), n, split)
-                       if split else None)
-                if progress:
-                    progress.end_epoch(loss, val, n_train)
-                if trainer.end_of_epoch(loss, val, s["tol"], s["n_iter_no_change"],
-                                        s["early_stopping"]):
-                    stopped = True
-                    break
+            with blas.single_threaded(trainer.plan.threads > 1):
+                done, stopped = self._epochs(X, y, w, n_train, n, epochs, s, split, progress)
             if s["early_stopping"]:
                 trainer.restore_best()
         finally:
@@ -313,6 +303,24 @@ class Model:
             trainer.release()
             trainer.best_copy = None
         self.last_run = (done, stopped)
+        return done, stopped
+
+    def _epochs(self, X, y, w, n_train, n, epochs, s, split, progress):
+        trainer = self.trainer
+        done, stopped = 0, False
+        for e in range(epochs):
+            if progress:
+                progress.start_epoch(e + 1)
+            loss = trainer.run_epoch(X, y, w, self.classes, n_train, s["shuffle"], progress)
+            done += 1
+            val = (trainer.score(X, y, self.classes, range(n_train, n), n, split)
+                   if split else None)
+            if progress:
+                progress.end_epoch(loss, val, n_train)
+            if trainer.end_of_epoch(loss, val, s["tol"], s["n_iter_no_change"],
+                                    s["early_stopping"]):
+                stopped = True
+                break
         return done, stopped
 
     # ------------------------------------------------------------------ prediction
@@ -326,7 +334,8 @@ class Model:
                              f"{self.n_features}")
         s = self.settings_checked
         net = self.network
-        spec = Spec(sizes=net.sizes, activation=net.activation, weights=net.weights)
+        spec = Spec(sizes=net.sizes, activation=net.activation, weights=net.weights,
+                    slots=blas.tile_threads())
         budget = s["memory_budget_bytes"] if budget is None else budget
         plan = plan_predict(spec, X.shape[0], out_bytes_per_row, budget)
         self.predict_plan = plan
@@ -335,8 +344,14 @@ class Model:
     def _logits(self, X, out, out_bytes_per_row, convert):
         """Run the network over X in planned chunks; convert(start, logits) fills out."""
         X, plan = self._forward_chunks(X, out_bytes_per_row)
-        buf = self.network.allocate(plan.micro_batch, plan.tile_rows, training=False)
+        buf = self.network.allocate(plan.micro_batch, plan.tile_rows, training=False,
+                                    slots=plan.threads)
         idx = np.empty(plan.micro_batch, np.int64)
+        with blas.single_threaded(plan.threads > 1):
+            self._predict_chunks(X, plan, buf, idx, convert)
+        return out
+
+    def _predict_chunks(self, X, plan, buf, idx, convert):
         n = X.shape[0]
         for start in range(0, n, plan.micro_batch):
             m = min(plan.micro_batch, n - start)
@@ -354,7 +369,6 @@ class Model:
                     f"the network's output overflowed for rows {start}..{start + m - 1}; "
                     "scale the input the way the training data was scaled")
             convert(start, logits)
-        return out
 
     def predict_proba(self, X):
         """Class probabilities, one column per class (in the order of classes)."""
@@ -484,5 +498,6 @@ def plan(n_features, hidden, n_outputs, batch_size=64, weights="bf16", optimizer
     opt = Optimizer(**_optimizer_kw(s))
     spec = Spec(sizes=(int(n_features),) + s["hidden"] + (int(n_outputs),),
                 activation=s["activation"], weights=s["weights"], state=s["state"],
-                n_states=opt.n_states, early_stopping=early_stopping)
+                n_states=opt.n_states, early_stopping=early_stopping,
+                slots=blas.tile_threads())
     return plan_fit(spec, s["batch_size"], s["memory_budget_bytes"])

@@ -78,8 +78,9 @@ class Network:
 
     # ------------------------------------------------------------------ buffers
 
-    def allocate(self, rows, tile_rows, training):
-        """Buffers for passes of up to `rows` samples (what the plan counted)."""
+    def allocate(self, rows, tile_rows, training, slots=1):
+        """Buffers for passes of up to `rows` samples, with scratch for `slots` threads
+        working on tiles at once (what the plan counted)."""
         hidden = self.sizes[1:-1]
         gelu = self.activation == "gelu" and training
         b = Buffers()
@@ -97,7 +98,7 @@ class Network:
             b.pingpong = [np.empty(rows * width, np.float32) for _ in range(2)]
         size = _kernels.backward_scratch_size if training else _kernels.forward_scratch_size
         b.scratch = np.empty(max(1, max(
-            size(self.weights, bias_format(self.weights), t, layer.n_in)
+            size(self.weights, bias_format(self.weights), t, layer.n_in, slots)
             for t, layer in zip(b.tile_rows, self.layers))), np.float32)
         return b
 

@@ -58,7 +58,8 @@ class Trainer:
         """The buffers the plan counted (all of them, before any training)."""
         plan = self.plan
         net = self.network
-        self.buf = net.allocate(plan.micro_batch, plan.tile_rows, training=True)
+        self.buf = net.allocate(plan.micro_batch, plan.tile_rows, training=True,
+                                slots=plan.threads)
         rows = plan.micro_batch
         self.buf.idx = np.empty(rows, np.int64)
         self.buf.w = np.empty(rows, np.float32)

@@ -34,7 +34,7 @@ def run(step, p, gs, m=None, v=None, adam_bias=True):
         if adam_bias:
             step.bc1 = 1 / (1 - step.beta1 ** t)
             step.bc2 = 1 / (1 - step.beta2 ** t)
-        bad = _kernels.optim_step(step, p, p.to_float().reshape(-1), g.reshape(-1).copy(), m, v)
+        bad = _kernels.optim_step(step, p, g.reshape(-1).copy(), m, v)
         assert bad == 0
 
 
@@ -89,7 +89,7 @@ def test_equal_micro_batch_shares_give_the_whole_batch_step():
         whole, mw, vw = tensors(adam=kind == "adam")
         s = _kernels.Step(kind, lr=0.01, **kw)
         s.bc1, s.bc2 = 10.0, 1000.0
-        _kernels.optim_step(s, whole, whole.to_float().reshape(-1), g.reshape(-1).copy(), mw, vw)
+        _kernels.optim_step(s, whole, g.reshape(-1).copy(), mw, vw)
 
         parts, mp, vp = tensors(adam=kind == "adam")
         s = _kernels.Step(kind, lr=0.01, **kw)
@@ -98,7 +98,7 @@ def test_equal_micro_batch_shares_give_the_whole_batch_step():
             s.set_phase(begin=k == 0, apply=k == K - 1)
             s.micro = k
             share = (g / K).reshape(-1).copy()
-            _kernels.optim_step(s, parts, parts.to_float().reshape(-1), share, mp, vp)
+            _kernels.optim_step(s, parts, share, mp, vp)
         np.testing.assert_allclose(parts.to_float(), whole.to_float(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(mp.to_float(), mw.to_float(), rtol=1e-5, atol=1e-7)
         if kind == "adam":
@@ -112,7 +112,7 @@ def test_non_finite_results_are_never_stored():
     g[2, 5] = np.inf
     g[4, 0] = np.nan
     step = _kernels.Step("adam", lr=0.01)
-    bad = _kernels.optim_step(step, p, p.to_float().reshape(-1), g.reshape(-1).copy(), m, v)
+    bad = _kernels.optim_step(step, p, g.reshape(-1).copy(), m, v)
     assert bad == 2
     for now, before in ((p.codes, w0), (m.codes, m0), (v.codes, v0)):
         assert now[2, 5] == before[2, 5] and now[4, 0] == before[4, 0]
@@ -128,7 +128,7 @@ def test_int8_row_that_outgrows_its_scale_gets_a_new_one():
     g = np.zeros((2, 100), np.float32)
     g[0] = -row * 3            # row 0 grows to 4x its range, row 1 stays
     step = _kernels.Step("sgd", lr=1.0)
-    _kernels.optim_step(step, p, p.to_float().reshape(-1), g.reshape(-1))
+    _kernels.optim_step(step, p, g.reshape(-1))
     np.testing.assert_allclose(p.scales[0], 4 / 127, rtol=1e-5)
     np.testing.assert_allclose(p.scales[1], 1 / 127, rtol=1e-6)
     np.testing.assert_allclose(p.to_float()[0], 4 * row, atol=p.scales[0])
@@ -145,8 +145,7 @@ def test_int8_weights_follow_updates_below_one_grid_step_on_average():
     step = _kernels.Step("sgd", lr=1.0, seed=3)
     for t in range(1, 201):
         step.step = t
-        _kernels.optim_step(step, p, p.to_float().reshape(-1),
-                            np.full(n, 0.2 * grid, np.float32))
+        _kernels.optim_step(step, p, np.full(n, 0.2 * grid, np.float32))
     moved = (0.5 - p.to_float()) / grid
     # each copy moves by a sum of 200 Bernoulli(0.2) steps: mean 40, sd sqrt(32)
     assert abs(moved.mean() - 40) < 5 * np.sqrt(32 / n)

@@ -1,0 +1,349 @@
+/*
+ * Dense layers over tiles of rows of the weight matrix, with the products done by a BLAS
+ * sgemm the caller passes in. Tiles run in parallel on sagd's threads, each thread with
+ * its own slot of scratch; BLAS should then be single-threaded (sagd/blas.py arranges it),
+ * so that one set of threads does all the work and none spins waiting for another.
+ *
+ * Forward:  z[:, R] = a @ W[R]^T + b[R], out = act(z)              (tiles R in parallel)
+ * Backward: dA = g @ W (weights before the update)       (column blocks of dA in parallel)
+ *           then per tile R: dW = g[:, R]^T a, db = sum g[:, R], the fused update of
+ *           W[R] and b[R] and their optimizer state          (tiles R in parallel)
+ * No buffer the size of W exists: a tile's gradient lives in its thread's scratch.
+ */
+#include <string.h>
+
+#include "sagd_kernels.h"
+#include "threads.h"
+
+static size_t code_size(int fmt) { return fmt == SAGD_FP32 ? 4 : (fmt == SAGD_INT8 ? 1 : 2); }
+
+static char *row_of(const sagd_tensor *t, size_t r)
+{
+    return (char *)t->data + r * t->cols * code_size(t->fmt);
+}
+
+/* One stream per tensor and write pass: micro-batch passes of one step differ. */
+static sagd_rng rng_for(const sagd_update *u, uint32_t tensor_id)
+{
+    sagd_rng r;
+    r.seed = u->seed;
+    r.step = u->step;
+    r.stream = (tensor_id << 16) | (u->micro & 0xffffu);
+    return r;
+}
+
+void sagd_tensor_decode(const sagd_tensor *t, size_t r0, size_t r1, size_t c0, size_t c1,
+                        float *out, size_t ldo)
+{
+    size_t r;
+    if (c0 == 0 && c1 == t->cols && ldo == t->cols && t->fmt != SAGD_INT8) {
+        sagd_decode(t->fmt, row_of(t, r0), (r1 - r0) * t->cols, 1.0f, out);
+        return;
+    }
+    for (r = r0; r < r1; r++)
+        sagd_decode(t->fmt, row_of(t, r) + c0 * code_size(t->fmt), c1 - c0,
+                    t->fmt == SAGD_INT8 ? t->scales[r] : 1.0f, out + (r - r0) * ldo);
+}
+
+int64_t sagd_tensor_write(sagd_tensor *t, size_t r0, size_t r1, const float *x,
+                          const sagd_rng *rng)
+{
+    int64_t bad = 0;
+    size_t r, c;
+    if (t->fmt != SAGD_INT8)
+        return sagd_encode(t->fmt, x, (r1 - r0) * t->cols, row_of(t, r0), 1.0f, rng,
+                           r0 * t->cols);
+    for (r = r0; r < r1; r++) {
+        /* a row gets the scale max|row| / 127 when it has outgrown its range or uses less
+           than half of it */
+        const float *xr = x + (r - r0) * t->cols;
+        float mx = 0.0f, sc = t->scales[r];
+        for (c = 0; c < t->cols; c++) {
+            float v = xr[c] >= 0.0f ? xr[c] : -xr[c];
+            mx = v > mx ? v : mx; /* NaN never wins this comparison */
+        }
+        if (!(sc > 0.0f))
+            sc = 1.0f;
+        if (mx > 0.0f && mx < 3.0e38f && (mx > 127.0f * sc || mx < 63.5f * sc))
+            sc = mx / 127.0f;
+        t->scales[r] = sc;
+        bad += sagd_encode(SAGD_INT8, xr, t->cols, row_of(t, r), sc, rng, r * t->cols);
+    }
+    return bad;
+}
+
+int64_t sagd_update_rows(const sagd_update *u, sagd_tensor *p, size_t r0, size_t r1,
+                         float *decoded, float *g, sagd_tensor *m, sagd_tensor *v)
+{
+    const size_t n = (r1 - r0) * p->cols;
+    const sagd_rng rp = rng_for(u, p->id);
+    sagd_rng rm, rv;
+    sagd_stored sw, sm, sv;
+    int phase = u->phase;
+    int64_t bad;
+    if (m == NULL) /* plain SGD applies every pass */
+        phase |= SAGD_APPLY;
+    memset(&sm, 0, sizeof sm);
+    sm.fmt = SAGD_FP32;
+    sm.scale = 1.0f;
+    sv = sm;
+    if (m != NULL) {
+        rm = rng_for(u, m->id);
+        sm.data = row_of(m, r0);
+        sm.fmt = m->fmt;
+        sm.rng = u->stochastic ? &rm : NULL;
+    }
+    if (v != NULL) {
+        rv = rng_for(u, v->id);
+        sv.data = row_of(v, r0);
+        sv.fmt = v->fmt;
+        sv.rng = u->stochastic ? &rv : NULL;
+    }
+    sw.scale = 1.0f;
+    if (p->fmt == SAGD_INT8) { /* updated as fp32, then each row rescaled and rounded */
+        sagd_tensor_decode(p, r0, r1, 0, p->cols, decoded, p->cols);
+        sw.data = decoded;
+        sw.fmt = SAGD_FP32;
+        sw.rng = NULL;
+    } else {
+        sw.data = row_of(p, r0);
+        sw.fmt = p->fmt;
+        sw.rng = u->stochastic ? &rp : NULL;
+    }
+    bad = sagd_optim_step(&u->opt, phase, n, &sw, g, &sm, &sv, r0 * p->cols);
+    if (p->fmt == SAGD_INT8 && (phase & SAGD_APPLY))
+        bad += sagd_tensor_write(p, r0, r1, decoded, u->stochastic ? &rp : NULL);
+    return bad;
+}
+
+/* ---------------------------------------------------------------- BLAS */
+
+static float *at(const sagd_matrix *x, size_t r, size_t c)
+{
+    return x->p + (x->colmajor ? c * (size_t)x->ld + r : r * (size_t)x->ld + c);
+}
+
+/* Row-major C (m x n) = alpha op(A) op(B) + beta C, op(X) = X^T when t is set. BLAS is
+   column-major, so it computes C^T = op(B)^T op(A)^T: the operands swap. */
+static void gemm(sagd_sgemm_fn f, int ta, const sagd_matrix *A, int tb, const sagd_matrix *B,
+                 int m, int n, int k, float alpha, float beta, float *C, int ldc)
+{
+    char ca = (ta ^ A->colmajor) ? 'T' : 'N', cb = (tb ^ B->colmajor) ? 'T' : 'N';
+    int lda = A->ld, ldb = B->ld;
+    if (m == 0 || n == 0)
+        return;
+    f(&cb, &ca, &n, &m, &k, &alpha, B->p, &ldb, A->p, &lda, &beta, C, &ldc);
+}
+
+static sagd_matrix rows_of(float *p, int ld)
+{
+    sagd_matrix x;
+    x.p = p;
+    x.ld = ld;
+    x.colmajor = 0;
+    return x;
+}
+
+/* ---------------------------------------------------------------- forward */
+
+typedef struct {
+    sagd_sgemm_fn gemm;
+    int act;
+    size_t batch, tile, slot;
+    const sagd_matrix *a;
+    const sagd_tensor *W, *b;
+    float *z, *out, *scratch;
+    size_t ldz, ldo;
+    int64_t bad[SAGD_MAX_THREADS];
+} forward_job;
+
+static void forward_tile(void *ctx, long tile, int thread)
+{
+    forward_job *j = (forward_job *)ctx;
+    const sagd_tensor *W = j->W, *b = j->b;
+    const size_t n_in = W->cols, r0 = (size_t)tile * j->tile;
+    const size_t r1 = r0 + j->tile < W->rows ? r0 + j->tile : W->rows;
+    float *wbuf = j->scratch + (size_t)thread * j->slot;
+    float *bbuf = wbuf + (W->fmt != SAGD_FP32 ? j->tile * n_in : 0);
+    const float *bias = NULL;
+    sagd_matrix Wt;
+    if (W->fmt == SAGD_FP32) {
+        Wt = rows_of((float *)row_of(W, r0), (int)n_in);
+    } else {
+        sagd_tensor_decode(W, r0, r1, 0, n_in, wbuf, n_in);
+        Wt = rows_of(wbuf, (int)n_in);
+    }
+    gemm(j->gemm, 0, j->a, 1, &Wt, (int)j->batch, (int)(r1 - r0), (int)n_in, 1.0f, 0.0f,
+         j->z + r0, (int)j->ldz);
+    if (b != NULL) {
+        if (b->fmt == SAGD_FP32) {
+            bias = (const float *)row_of(b, r0);
+        } else {
+            sagd_tensor_decode(b, r0, r1, 0, 1, bbuf, 1);
+            bias = bbuf;
+        }
+    }
+    j->bad[thread] += sagd_bias_act(j->act, j->batch, r1 - r0, bias, j->z + r0, j->ldz,
+                                    j->out + r0, j->ldo);
+}
+
+size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
+{
+    return (wfmt != SAGD_FP32 ? tile_rows * n_in : 0) + (bfmt != SAGD_FP32 ? tile_rows : 0);
+}
+
+size_t sagd_backward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
+{
+    (void)bfmt; /* biases are updated straight from their codes */
+    return tile_rows * n_in + tile_rows + (wfmt != SAGD_FP32 ? tile_rows * n_in : 0);
+}
+
+int64_t sagd_dense_forward(sagd_sgemm_fn f, int act, size_t batch, const sagd_matrix *a,
+                           const sagd_tensor *W, const sagd_tensor *b, float *z, size_t ldz,
+                           float *out, size_t ldo, size_t tile_rows, float *scratch,
+                           size_t slots)
+{
+    forward_job j;
+    int64_t bad = 0;
+    int t;
+    memset(&j, 0, sizeof j);
+    j.gemm = f;
+    j.act = act;
+    j.batch = batch;
+    j.tile = tile_rows;
+    j.slot = sagd_forward_slot(W->fmt, b ? b->fmt : SAGD_FP32, tile_rows, W->cols);
+    j.a = a;
+    j.W = W;
+    j.b = b;
+    j.z = z;
+    j.out = out;
+    j.ldz = ldz;
+    j.ldo = ldo;
+    j.scratch = scratch;
+    if (batch == 0)
+        return 0;
+    sagd_parallel_upto((long)((W->rows + tile_rows - 1) / tile_rows), (int)slots, forward_tile,
+                       &j);
+    for (t = 0; t < SAGD_MAX_THREADS; t++)
+        bad += j.bad[t];
+    return bad;
+}
+
+/* ---------------------------------------------------------------- backward */
+
+typedef struct {
+    sagd_sgemm_fn gemm;
+    size_t batch, tile, slot, n_blocks;
+    const sagd_matrix *g, *a;
+    float *dA;
+    size_t ldA;
+    sagd_tensor *W, *b, *mW, *vW, *mb, *vb;
+    const sagd_update *uw, *ub;
+    float *scratch;
+    int64_t bad[SAGD_MAX_THREADS];
+} backward_job;
+
+/* dA[:, C] = g @ W[:, C] for one block C of columns, over every tile of rows. */
+static void input_gradient_block(void *ctx, long block, int thread)
+{
+    backward_job *j = (backward_job *)ctx;
+    const sagd_tensor *W = j->W;
+    const size_t n_in = W->cols, width = (n_in + j->n_blocks - 1) / j->n_blocks;
+    const size_t c0 = (size_t)block * width, c1 = c0 + width < n_in ? c0 + width : n_in;
+    float *wbuf = j->scratch + (size_t)thread * j->slot;
+    size_t r0;
+    if (c0 >= c1)
+        return;
+    for (r0 = 0; r0 < W->rows; r0 += j->tile) {
+        const size_t r1 = r0 + j->tile < W->rows ? r0 + j->tile : W->rows;
+        sagd_matrix Wt, G = *j->g;
+        G.p = at(j->g, 0, r0);
+        if (W->fmt == SAGD_FP32) {
+            Wt = rows_of((float *)row_of(W, r0) + c0, (int)n_in);
+        } else {
+            sagd_tensor_decode(W, r0, r1, c0, c1, wbuf, c1 - c0);
+            Wt = rows_of(wbuf, (int)(c1 - c0));
+        }
+        gemm(j->gemm, 0, &G, 0, &Wt, (int)j->batch, (int)(c1 - c0), (int)(r1 - r0), 1.0f,
+             r0 == 0 ? 0.0f : 1.0f, j->dA + c0, (int)j->ldA);
+    }
+}
+
+static void column_sums(const sagd_matrix *g, size_t rows, size_t c0, size_t cols, float *out)
+{
+    size_t r, c;
+    if (!g->colmajor) {
+        sagd_column_sums(rows, cols, at(g, 0, c0), (size_t)g->ld, out);
+        return;
+    }
+    for (c = 0; c < cols; c++) {
+        float s = 0.0f;
+        for (r = 0; r < rows; r++)
+            s += *at(g, r, c0 + c);
+        out[c] = s;
+    }
+}
+
+/* The weight gradient of one tile of rows, and the fused update of the tile. */
+static void update_tile(void *ctx, long tile, int thread)
+{
+    backward_job *j = (backward_job *)ctx;
+    sagd_tensor *W = j->W;
+    const size_t n_in = W->cols, r0 = (size_t)tile * j->tile;
+    const size_t r1 = r0 + j->tile < W->rows ? r0 + j->tile : W->rows;
+    float *gbuf = j->scratch + (size_t)thread * j->slot;
+    float *dbbuf = gbuf + j->tile * n_in, *wbuf = dbbuf + j->tile;
+    sagd_matrix G = *j->g;
+    int64_t bad;
+    G.p = at(j->g, 0, r0);
+    gemm(j->gemm, 1, &G, 0, j->a, (int)(r1 - r0), (int)n_in, (int)j->batch, 1.0f, 0.0f, gbuf,
+         (int)n_in);
+    bad = sagd_update_rows(j->uw, W, r0, r1, wbuf, gbuf, j->mW, j->vW);
+    if (j->b != NULL) {
+        column_sums(j->g, j->batch, r0, r1 - r0, dbbuf);
+        bad += sagd_update_rows(j->ub, j->b, r0, r1, NULL, dbbuf, j->mb, j->vb);
+    }
+    j->bad[thread] += bad;
+}
+
+int64_t sagd_dense_backward(sagd_sgemm_fn f, size_t batch, const sagd_matrix *g,
+                            const sagd_matrix *a, float *dA, size_t ldA, sagd_tensor *W,
+                            sagd_tensor *b, sagd_tensor *mW, sagd_tensor *vW, sagd_tensor *mb,
+                            sagd_tensor *vb, const sagd_update *uw, const sagd_update *ub,
+                            size_t tile_rows, float *scratch, size_t slots)
+{
+    backward_job j;
+    int64_t bad = 0;
+    int t, threads = sagd_get_threads();
+    memset(&j, 0, sizeof j);
+    j.gemm = f;
+    j.batch = batch;
+    j.tile = tile_rows;
+    j.slot = sagd_backward_slot(W->fmt, b ? b->fmt : SAGD_FP32, tile_rows, W->cols);
+    j.g = g;
+    j.a = a;
+    j.dA = dA;
+    j.ldA = ldA;
+    j.W = W;
+    j.b = b;
+    j.mW = mW;
+    j.vW = vW;
+    j.mb = mb;
+    j.vb = vb;
+    j.uw = uw;
+    j.ub = ub;
+    j.scratch = scratch;
+    if (batch == 0)
+        return 0;
+    if (dA != NULL) { /* before any weight changes */
+        j.n_blocks = (size_t)(threads < (int)slots ? threads : (int)slots);
+        if (j.n_blocks < 1)
+            j.n_blocks = 1;
+        sagd_parallel_upto((long)j.n_blocks, (int)slots, input_gradient_block, &j);
+    }
+    sagd_parallel_upto((long)((W->rows + tile_rows - 1) / tile_rows), (int)slots, update_tile,
+                       &j);
+    for (t = 0; t < SAGD_MAX_THREADS; t++)
+        bad += j.bad[t];
+    return bad;
+}
