@@ -214,29 +214,30 @@ static inline float bf16_to(uint16_t h) { return u2f((uint32_t)h << 16); }
 
 static inline uint16_t fp16_from(float x, uint32_t r, int stochastic)
 {
-    uint32_t b = f2u(x), sign = (b >> 16) & 0x8000u, mag = b & 0x7fffffffu;
-    int32_t e = (int32_t)(mag >> 23);
-    int32_t eff = e ? e : 1; /* fp32 subnormals share the exponent of the smallest normal */
-    uint64_t sig = (mag & 0x7fffffu) | (e ? 0x800000u : 0u);
-    /* Bits below the fp16 grid at this magnitude: 13 for fp16 normals, more below. */
-    int32_t k = 13 + (eff < 113 ? 113 - eff : 0);
-    int32_t kk = k < 63 ? k : 63;
-    uint32_t base = (uint32_t)((eff > 113 ? eff : 113) - 113) << 10;
-    uint32_t q = (uint32_t)(sig >> kk);
-    uint64_t rem = sig & ((1ull << kk) - 1);
-    /* Stochastic: P(up) = rem / 2^k, exact while k <= 32 (|x| >= 2^-33), to 2^-32 below.
-       Nearest: ties to even. Both computed, one chosen: no branch in vectorized loops. */
-    const uint32_t up_sr = kk <= 32 ? (((uint64_t)r << kk) < (rem << 32))
-                                    : (r < (rem >> (kk - 32)));
-    const uint64_t half = 1ull << (kk - 1);
-    const uint32_t up_rn = (rem > half) | ((rem == half) & (q & 1u));
-    const uint32_t up = stochastic ? up_sr : up_rn;
-    uint32_t h;
-    h = base + q + up;
+    const uint32_t b = f2u(x), sign = (b >> 16) & 0x8000u, mag = b & 0x7fffffffu;
+    const int32_t e = (int32_t)(mag >> 23);
+    const int32_t eff = e ? e : 1; /* fp32 subnormals share the smallest normal's exponent */
+    const uint32_t sig = (mag & 0x7fffffu) | (e ? 0x800000u : 0u);
+    /* k: bits of sig below the fp16 grid at this magnitude, 13 for fp16 normals, more below
+       (up to 125). sig < 2^24, so from k = 24 on everything is below the grid. */
+    const int32_t k = 13 + (eff < 113 ? 113 - eff : 0);
+    const uint32_t base = (uint32_t)((eff > 113 ? eff : 113) - 113) << 10;
+    const uint32_t q = k < 32 ? sig >> k : 0u;
+    const uint32_t rem = k < 32 ? sig & ((1u << k) - 1u) : sig;
+    /* Stochastic: up iff the top k bits of r, uniform on [0, 2^k), are below rem: P(up) =
+       rem / 2^k exactly while k <= 32 (|x| >= 2^-33), to 2^-32 below. 32-bit arithmetic
+       only, so the loop vectorizes. Nearest: ties to even. */
+    const uint32_t up_sr = k <= 32 ? ((r >> (32 - k)) < rem)
+                                   : (k < 56 ? (r < (rem >> (k - 32))) : 0u);
+    const uint32_t half = k <= 25 ? 1u << (k - 1) : 0u;
+    const uint32_t up_rn = k <= 25 ? (rem > half) | ((rem == half) & (q & 1u)) : 0u;
+    uint32_t h = base + q + (stochastic ? up_sr : up_rn);
     h = stochastic ? (h > 0x7bffu ? 0x7bffu : h) : (h > 0x7c00u ? 0x7c00u : h);
-    if (e == 0xff) { /* inf, or NaN keeping the top of its payload as numpy does */
-        uint32_t payload = (mag & 0x7fffffu) >> 13;
-        h = (mag & 0x7fffffu) ? 0x7c00u | payload | (payload == 0) : 0x7c00u;
+    {   /* inf, or NaN keeping the top of its payload as numpy does */
+        const uint32_t payload = (mag & 0x7fffffu) >> 13;
+        const uint32_t special = (mag & 0x7fffffu) ? 0x7c00u | payload | (payload == 0)
+                                                   : 0x7c00u;
+        h = e == 0xff ? special : h;
     }
     return (uint16_t)(sign | h);
 }
@@ -252,17 +253,15 @@ static inline float fp16_to(uint16_t h)
 static inline int8_t int8_from(float x, float scale, uint32_t r, int stochastic)
 {
     /* Like the float formats: the magnitude moves away from zero iff u < its fraction.
-       double keeps the fraction of |x| / scale exact to ~2^-46. */
-    double t = fabs((double)x) / (double)scale, q;
-    if (stochastic) {
-        double f = floor(t);
-        q = f + (((double)r * 0x1p-32) < t - f ? 1.0 : 0.0);
-    } else {
-        q = nearbyint(t);
-    }
+       double keeps the fraction of |x| / scale exact to ~2^-46; u = r / 2^32 is converted
+       through a signed integer, which vector units can do exactly. */
+    const double t = fabs((double)x) / (double)scale;
+    const double u = ((double)(int32_t)(r ^ 0x80000000u) + 2147483648.0) * 0x1p-32;
+    const double f = floor(t);
+    double q = stochastic ? f + (u < t - f ? 1.0 : 0.0) : nearbyint(t);
     q = q > 127.0 ? 127.0 : q;
     q = x < 0.0f ? -q : q;
-    return finite_f(x) ? (int8_t)q : (int8_t)0;
+    return finite_f(x) ? (int8_t)(int32_t)q : (int8_t)0;
 }
 
 int64_t HOT(encode)(int fmt, const float *SAGD_RESTRICT x, size_t n, void *SAGD_RESTRICT out,
@@ -297,9 +296,10 @@ int64_t HOT(encode)(int fmt, const float *SAGD_RESTRICT x, size_t n, void *SAGD_
         } else if (fmt == SAGD_FP16) {
             uint16_t *o = (uint16_t *)out + s;
             if (sr) {
+                const uint32_t *SAGD_RESTRICT r = words;
                 HOT(random_words)(rng, first_elem + s, len, words);
                 for (i = 0; i < len; i++)
-                    o[i] = fp16_from(xs[i], words[i], 1);
+                    o[i] = fp16_from(xs[i], r[i], 1);
             } else {
                 for (i = 0; i < len; i++)
                     o[i] = fp16_from(xs[i], 0, 0);
@@ -307,9 +307,10 @@ int64_t HOT(encode)(int fmt, const float *SAGD_RESTRICT x, size_t n, void *SAGD_
         } else { /* SAGD_INT8 */
             int8_t *o = (int8_t *)out + s;
             if (sr) {
+                const uint32_t *SAGD_RESTRICT r = words;
                 HOT(random_words)(rng, first_elem + s, len, words);
                 for (i = 0; i < len; i++)
-                    o[i] = int8_from(xs[i], scale, words[i], 1);
+                    o[i] = int8_from(xs[i], scale, r[i], 1);
             } else {
                 for (i = 0; i < len; i++)
                     o[i] = int8_from(xs[i], scale, 0, 0);
