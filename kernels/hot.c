@@ -426,7 +426,9 @@ SAGD_SPECIALIZE int64_t step_chunk(const sagd_optim *o, int kind, int has_m, int
             upd = nest * (gs * gi + mu * mn) + (1.0f - nest) * mn;
         }
         wn = wi - lr * (upd + decay * wi);
-        ok = finite_f(mn) & finite_f(vn) & (apply ? finite_f(wn) : 1);
+        /* A non-finite first moment makes the new weight non-finite too, so when the step
+           applies, checking the weight (and Adam's second moment) covers every value. */
+        ok = (kind == SAGD_ADAM ? finite_f(vn) : 1) & (apply ? finite_f(wn) : finite_f(mn));
         if (has_m)
             STORE_AS(sfmt, mf, mh, i, mn, rm[i], ssr, ok);
         if (kind == SAGD_ADAM)

@@ -325,8 +325,9 @@ class Model:
 
     # ------------------------------------------------------------------ prediction
 
-    def _forward_chunks(self, X, out_bytes_per_row, budget=None):
-        """Yield (start, logits block) over X in chunks the budget allows."""
+    def _predict_plan(self, X, out_bytes_per_row):
+        """X checked, and the plan for predicting it within the budget (the result takes
+        out_bytes_per_row bytes per row)."""
         self._need_fitted()
         X = as_matrix(X)
         if X.shape[1] != self.n_features:
@@ -336,14 +337,13 @@ class Model:
         net = self.network
         spec = Spec(sizes=net.sizes, activation=net.activation, weights=net.weights,
                     slots=blas.tile_threads())
-        budget = s["memory_budget_bytes"] if budget is None else budget
-        plan = plan_predict(spec, X.shape[0], out_bytes_per_row, budget)
+        plan = plan_predict(spec, X.shape[0], out_bytes_per_row, s["memory_budget_bytes"])
         self.predict_plan = plan
         return X, plan
 
     def _logits(self, X, out, out_bytes_per_row, convert):
         """Run the network over X in planned chunks; convert(start, logits) fills out."""
-        X, plan = self._forward_chunks(X, out_bytes_per_row)
+        X, plan = self._predict_plan(X, out_bytes_per_row)
         buf = self.network.allocate(plan.micro_batch, plan.tile_rows, training=False,
                                     slots=plan.threads)
         idx = np.empty(plan.micro_batch, np.int64)
