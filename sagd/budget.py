@@ -18,6 +18,9 @@ BOOKKEEPING = 96 * 1024
 EFFICIENT_TILE_ROWS = 32
 #: Largest weight-gradient tile: beyond this a tile stops fitting in a core's cache.
 TILE_BYTES_CAP = 1 << 20
+#: Rows predicted together. Fixed, not taken from the data: a row then always goes through
+#: the same matrix shapes, and BLAS gives it the same bits whatever else is predicted.
+PREDICT_CHUNK = 256
 #: Per-sample bytes of batch bookkeeping besides the target: shuffled index (8), sample
 #: weight as given and as fp32 (8 + 4), label lookups (8 + 4 + 8), and slack.
 BATCH_BYTES = 48
@@ -268,7 +271,7 @@ def plan_predict(spec, n_rows, out_bytes, budget):
     least = _predict_parts(spec, 1, ones, n_rows, out_bytes)
     min_budget = sum(least.values())
     full = spec.full_tiles()
-    cap = max(1, min(n_rows, 4096))
+    cap = PREDICT_CHUNK
     if budget is None:
         parts = _predict_parts(spec, cap, full, n_rows, out_bytes)
         return MemoryPlan("predict", None, min_budget, parts, full, cap, cap, spec.slots)

@@ -352,18 +352,22 @@ class Model:
         return out
 
     def _predict_chunks(self, X, plan, buf, idx, convert):
-        n = X.shape[0]
-        for start in range(0, n, plan.micro_batch):
-            m = min(plan.micro_batch, n - start)
+        n, chunk = X.shape[0], plan.micro_batch
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
             idx[:m] = np.arange(start, start + m)
             gather(X, idx[:m], buf.x)
+            # a short last chunk is padded with zero rows: every chunk has the same shape, so
+            # a row's prediction never depends on which rows come with it
+            buf.x[m:] = 0
             hit = _kernels.first_nonfinite(buf.x[:m])
             if hit is not None:
                 v = buf.x[hit]
                 what = "NaN" if np.isnan(v) else "inf (or a value too large for float32)"
                 raise ValueError(f"X contains {what} at row {start + hit[0]}, column "
                                  f"{hit[1]}; sagd needs finite values")
-            logits, overflow = self.network.forward_predict(buf, m)
+            logits, overflow = self.network.forward_predict(buf, chunk)
+            logits = logits[:m]
             if overflow or not np.all(np.isfinite(logits)):
                 raise FloatingPointError(
                     f"the network's output overflowed for rows {start}..{start + m - 1}; "

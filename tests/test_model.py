@@ -27,6 +27,14 @@ def test_fit_returns_a_model_that_predicts_the_labels():
     assert len(m.loss_curve) == 3 and m.epoch == 3
 
 
+def test_a_rows_prediction_does_not_depend_on_the_other_rows():
+    m = quick(y=(Xs @ np.arange(64.0)), epochs=2)
+    whole = m.predict(Xs)
+    assert np.array_equal(m.predict(Xs[:10]), whole[:10])
+    assert np.array_equal(m.predict(Xs[7:8]), whole[7:8])
+    assert np.array_equal(m.predict(Xs[::-1]), whole[::-1])
+
+
 def test_string_labels_and_binary_problems():
     names = np.array(["even", "odd"])[Ys % 2]
     m = quick(y=names)

@@ -23,37 +23,9 @@ WEIGHTED_REPEAT = ("minibatch training with stochastic rounding: weighting a sam
                    "rounding), as for any stochastic-gradient estimator")
 
 
-ROW_DEPENDENT_BLAS = ("this machine's BLAS gives a row different float32 bits depending on "
-                      "how many rows are multiplied together (seen with OpenBLAS's SVE/SME "
-                      "kernels), so predicting a subset differs from predicting the whole in "
-                      "the last bit, beyond the check's 1e-7 tolerance")
-
-
-def blas_rows_invariant():
-    """Whether sgemm here computes a row the same way in a block of 20 rows and of 10 (the
-    sizes scikit-learn's invariance checks use)."""
-    from sagd import _kernels
-    from sagd.formats import new_tensor
-    rng = np.random.default_rng(0)
-    W = new_tensor("fp32", (16, 20), 0)
-    W.assign(rng.standard_normal((16, 20)).astype(np.float32))
-    b = new_tensor("fp32", (16,), 1)
-    a = rng.standard_normal((20, 20)).astype(np.float32)
-    outs = []
-    for rows in (a, a[:10]):
-        z = np.empty((rows.shape[0], 16), np.float32)
-        _kernels.dense_forward(rows, W, b, z, z, "identity", 16, np.empty(1, np.float32))
-        outs.append(z)
-    return np.array_equal(outs[0][:10], outs[1])
-
-
 def expected_failures(estimator):
-    expected = {"check_sample_weight_equivalence_on_dense_data": WEIGHTED_REPEAT,
-                "check_sample_weight_equivalence_on_sparse_data": WEIGHTED_REPEAT}
-    if not blas_rows_invariant():
-        for check in ("check_methods_subset_invariance", "check_methods_sample_order_invariance"):
-            expected[check] = ROW_DEPENDENT_BLAS
-    return expected
+    return {"check_sample_weight_equivalence_on_dense_data": WEIGHTED_REPEAT,
+            "check_sample_weight_equivalence_on_sparse_data": WEIGHTED_REPEAT}
 
 
 # scikit-learn itself skips its array-API checks unless SCIPY_ARRAY_API=1 is set; no check
