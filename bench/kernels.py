@@ -87,7 +87,7 @@ def dense(repeats, batch=128, n=1024):
         np.matmul(g, Wf, out=dA)
         np.matmul(g.T, a, out=dW)
     rows, info = [], {}
-    with blas.single_threaded(blas.tile_threads() > 1):
+    with blas.single_threaded():
         for fmt in ("fp32", "bf16", "fp16", "int8"):
             # each format alone against the reference: other layers' state would only
             # evict this one's from the caches

@@ -73,5 +73,5 @@ def test_dense_step(benchmark, fmt):
     def layer_step():
         _kernels.dense_forward(a, W, b, z, z, "relu", tile, scratch)
         _kernels.dense_backward(g, a, dA, W, b, *st, step, tile, scratch)
-    with blas.single_threaded(slots > 1):
+    with blas.single_threaded():
         benchmark(layer_step)

@@ -4,6 +4,7 @@ budget, with low-precision weights and stochastic rounding.
     model = sagd.fit(X, y, memory_budget="16MB")
     model.predict(X_test)
 """
+from . import datasets
 from ._kernels import get_num_threads, set_num_threads
 from .budget import MemoryBudgetError, MemoryPlan, parse_budget
 from .formats import FORMATS, round_to
@@ -12,7 +13,7 @@ from .trainer import TrainingDivergedError
 
 __version__ = "0.1.0"
 
-__all__ = ["fit", "plan", "load", "Model", "MemoryPlan", "MemoryBudgetError",
+__all__ = ["fit", "plan", "load", "Model", "datasets", "MemoryPlan", "MemoryBudgetError",
            "TrainingDivergedError", "round_to", "FORMATS", "parse_budget",
            "set_num_threads", "get_num_threads", "MLPClassifier", "MLPRegressor"]
 

@@ -798,15 +798,22 @@ def first_nonfinite(const float[:, ::1] x):
     return None if found_r < 0 else (found_r, found_c)
 
 
-# the best implementation this CPU offers, unless SAGD_SIMD names one
-def _select_default_simd():
+def _configure_from_environment():
+    """The best implementation this CPU offers, unless SAGD_SIMD names one; and the thread
+    count from SAGD_NUM_THREADS or OMP_NUM_THREADS (process pools such as joblib's set the
+    latter for each worker), else one thread per core."""
     import os
     wanted = os.environ.get("SAGD_SIMD", "").strip().lower()
     if wanted:
         use_simd(wanted)
     else:
         sagd_simd_select(SAGD_SIMD_AVX2)
+    for var in ("SAGD_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            sagd_set_threads(int(value))
+            break
 
 
 sagd_threads_init()
-_select_default_simd()
+_configure_from_environment()

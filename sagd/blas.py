@@ -1,11 +1,11 @@
 """The BLAS behind scipy.linalg.cython_blas, and its threads while sagd works.
 
 sagd runs the tiles of a layer in parallel on its own threads, each calling sgemm for its
-tile. BLAS's own worker threads would then only compete for the same cores (and spin
-between calls), so while sagd trains or predicts it asks scipy's BLAS for one thread per
-call, and gives the previous setting back afterwards. This works with the OpenBLAS that
-scipy's wheels bundle; with another BLAS sagd keeps BLAS's threads and processes tiles one
-after another instead.
+tile. BLAS's own worker threads would only compete for the same cores (and spin between
+calls), so while sagd trains or predicts it asks scipy's BLAS for one thread per call, and
+gives the previous setting back afterwards: sagd.set_num_threads(n) is then the number of
+threads the whole job uses. This works with the OpenBLAS that scipy's wheels bundle; with
+another BLAS sagd keeps BLAS's threads and processes tiles one after another instead.
 """
 import ctypes
 import glob
@@ -58,18 +58,17 @@ def control():
 def tile_threads():
     """Threads sagd runs a layer's tiles on: its own thread count when BLAS can be made
     single-threaded meanwhile, else 1 (BLAS then uses its own threads)."""
-    n = _kernels.get_num_threads()
-    return n if n > 1 and control() is not None else 1
+    return _kernels.get_num_threads() if control() is not None else 1
 
 
 @contextmanager
-def single_threaded(active=True):
+def single_threaded():
     """While inside, scipy's BLAS uses one thread per call (nested and concurrent uses
     are counted; the first one in saves the setting, the last one out restores it).
-    With active False, or no control over BLAS, nothing changes."""
+    Without control over BLAS, nothing changes."""
     global _users, _saved
     ctl = control()
-    if ctl is None or not active:
+    if ctl is None:
         yield
         return
     get, set_ = ctl

@@ -161,18 +161,19 @@ class MemoryPlan:
 
     def __str__(self):
         head = (f"sagd memory plan ({self.kind}): {format_bytes(self.total)}"
-                + (f" of a {format_bytes(self.budget)} budget" if self.budget else
-                   " (no budget set)")
-                + f"; at least {format_bytes(self.min_budget)} needed")
+                + (f", budget {format_bytes(self.budget)}" if self.budget else
+                   ", no budget set")
+                + f", at least {format_bytes(self.min_budget)} needed")
         width = max(len(k) for k in self.breakdown)
         lines = [head] + [f"  {k:<{width}}  {format_bytes(v):>10}"
                           for k, v in self.breakdown.items()]
-        tiles = (f"tile rows {', '.join(map(str, self.tile_rows))}"
-                 + (f" on {self.threads} threads" if self.threads > 1 else ""))
+        rows = ", ".join(map(str, self.tile_rows))
+        tiles = (f"weights {'read' if self.kind == 'predict' else 'updated'} {rows} rows at a "
+                 f"time (per layer), on {self.threads} thread{'s' if self.threads > 1 else ''}")
         if self.kind == "fit":
             lines.append(f"  micro-batch {self.micro_batch} of batch {self.batch_size}; {tiles}")
         else:
-            lines.append(f"  chunk of {self.micro_batch} rows; {tiles}")
+            lines.append(f"  chunks of {self.micro_batch} rows; {tiles}")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
     def to_dict(self):

@@ -6,6 +6,7 @@
     sagd demo
 """
 import argparse
+import csv
 import os
 import sys
 import time
@@ -63,14 +64,21 @@ def read_table(path, target=None, need_target=True):
                 raise CLIError(f"{path}: no target array {key!r} (has {', '.join(data.files)}"
                                "); name it with --target")
             return X, data[key], None
-    with open(path, newline="") as f:
-        first = f.readline().rstrip("\r\n")
-    if not first:
+    delimiter, rows = _sniff(path)
+    if not rows:
         raise CLIError(f"{path}: the file is empty")
-    fields = [c.strip() for c in first.split(",")]
-    header = any(not _is_number(c) for c in fields)
-    names = fields if header else [str(i) for i in range(len(fields))]
-    cols = len(fields)
+    first = rows[0]
+    # a header is a first line with a text field where the next line has a number (a data
+    # line may hold text labels); a single line counts as a header only if all of it is text
+    if len(rows) > 1:
+        header = any(not _is_number(a) and _is_number(b) for a, b in zip(first, rows[1]))
+    else:
+        header = not any(_is_number(a) for a in first)
+    names = first if header else [str(i) for i in range(len(first))]
+    cols = len(first)
+    if cols < 2 and need_target:
+        raise CLIError(f"{path}: found {cols} column (delimiter {delimiter!r}); a training "
+                       "file needs feature columns and a target column")
     if need_target or target is not None:
         if target is None:
             t = cols - 1
@@ -88,17 +96,45 @@ def read_table(path, target=None, need_target=True):
         features = [i for i in range(cols) if i != t]
     else:
         t, features = None, list(range(cols))
+    kw = dict(delimiter=delimiter, skiprows=int(header), quotechar='"', ndmin=2)
     try:
-        X = np.loadtxt(path, delimiter=",", skiprows=int(header), usecols=features,
-                       dtype=np.float32, ndmin=2)
-        y = None
-        if t is not None and need_target:
-            raw = np.loadtxt(path, delimiter=",", skiprows=int(header), usecols=[t], dtype=str,
-                             ndmin=1)
-            y = _labels(raw)
-    except ValueError as e:
-        raise CLIError(f"{path}: {e} (feature columns must be numbers)") from None
+        X = np.loadtxt(path, usecols=features, dtype=np.float32, **kw)
+    except ValueError:
+        _explain_bad_cell(path, delimiter, header, features, names)
+        raise
+    y = None
+    if t is not None and need_target:
+        raw = np.loadtxt(path, usecols=[t], dtype=str, **kw)[:, 0]
+        y = _labels(np.char.strip(raw))
     return X, y, names
+
+
+def _sniff(path, lines=5):
+    """The delimiter (comma, semicolon or tab) and the first few rows, as fields."""
+    with open(path, newline="") as f:
+        head = [f.readline() for _ in range(lines)]
+    head = [h for h in head if h.strip()]
+    if not head:
+        return ",", []
+    delimiter = max(",;\t", key=lambda d: min(h.count(d) for h in head))
+    rows = list(csv.reader(head, delimiter=delimiter))
+    return delimiter, [[c.strip() for c in r] for r in rows]
+
+
+def _explain_bad_cell(path, delimiter, header, features, names):
+    """CLIError naming the first feature cell that is not a number: its line in the file
+    (counting from 1) and its column (by index, as --target counts, and by name)."""
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
+            if line == 1 and header:
+                continue
+            for c in features:
+                cell = row[c].strip() if c < len(row) else ""
+                if not _is_number(cell):
+                    label = f"column {c}" + (f" ({names[c]})" if header else "")
+                    raise CLIError(f"{path}: line {line}, {label} holds {cell!r}, not a number "
+                                   "(feature columns must be numbers; leave a label column out "
+                                   "with --target)")
 
 
 # ---------------------------------------------------------------------- commands
@@ -106,6 +142,9 @@ def read_table(path, target=None, need_target=True):
 
 def cmd_train(args):
     import sagd
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise CLIError(f"cannot write {args.output}: the folder {folder} does not exist")
     X, y, names = read_table(args.data, args.target)
     settings = dict(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size,
                     optimizer=args.optimizer, lr=args.lr, weights=args.weights,

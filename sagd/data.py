@@ -33,7 +33,16 @@ def as_matrix(X, name="X"):
             raise ValueError(f"{name} is empty (shape {X.shape})")
         return X
     if hasattr(X, "to_numpy") and hasattr(X, "columns"):       # pandas DataFrame
-        X = X.to_numpy()
+        bad = [f"{c} ({dt})" for c, dt in X.dtypes.items()
+               if getattr(dt, "kind", "O") not in "biuf"]
+        if bad:
+            raise ValueError(f"{name} has columns that are not plain numbers: "
+                             f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; "
+                             "convert or encode them first (nullable and category columns too)")
+        if any(not isinstance(dt, np.dtype) for dt in X.dtypes):
+            X = X.to_numpy(dtype=np.float64, na_value=np.nan)   # nullable columns: NA -> NaN
+        else:
+            X = X.to_numpy()
     if not isinstance(X, np.ndarray):
         X = np.asarray(X)
     if X.ndim != 2:

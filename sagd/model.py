@@ -2,6 +2,7 @@
 sagd.plan for "will this fit?" before any training."""
 import math
 import numbers
+import warnings
 
 import numpy as np
 
@@ -139,10 +140,9 @@ class Model:
 
     def __repr__(self):
         s = self.settings
-        state = (f"fitted, {self.task}, {self.n_features} features -> "
-                 f"{'x'.join(map(str, s['hidden']))} -> {self.n_outputs}"
+        state = (f"fitted, {self.task}, {' -> '.join(map(str, self.network.sizes))}"
                  if self.fitted else "not fitted")
-        return f"<sagd.Model {state}, weights={s['weights']}, {s['optimizer']}>"
+        return f"<sagd.Model {state}, weights={s['weights']!r}, optimizer={s['optimizer']!r}>"
 
     def _need_fitted(self):
         if not self.fitted:
@@ -226,6 +226,15 @@ class Model:
             return self.task
         if task == "auto":
             task = "regress" if y.dtype.kind in "fc" else "classify"
+            if task == "regress" and y.ndim == 1 and y.shape[0] >= 20:
+                head = y[:1000]
+                if np.all(np.isfinite(head)) and np.all(head == np.round(head)) \
+                        and np.unique(head).shape[0] <= 10:
+                    warnings.warn(
+                        f"y is float with only {np.unique(head).shape[0]} whole values in its "
+                        "first rows: training a regressor (float y means regression). Pass "
+                        "task='classify', or integer labels, to train a classifier.",
+                        UserWarning, stacklevel=4)
         if task == "classify" and y.ndim != 1:
             raise ValueError(f"classification needs 1-D labels, got y of shape {y.shape} "
                              "(several label columns are not supported)")
@@ -293,7 +302,7 @@ class Model:
         progress = Progress(epochs) if s["verbose"] else None
         done, stopped = 0, False
         try:
-            with blas.single_threaded(trainer.plan.threads > 1):
+            with blas.single_threaded():
                 done, stopped = self._epochs(X, y, w, n_train, n, epochs, s, split, progress)
             if s["early_stopping"]:
                 trainer.restore_best()
@@ -347,7 +356,7 @@ class Model:
         buf = self.network.allocate(plan.micro_batch, plan.tile_rows, training=False,
                                     slots=plan.threads)
         idx = np.empty(plan.micro_batch, np.int64)
-        with blas.single_threaded(plan.threads > 1):
+        with blas.single_threaded():
             self._predict_chunks(X, plan, buf, idx, convert)
         return out
 

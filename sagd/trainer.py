@@ -266,41 +266,43 @@ class Trainer:
 
 
 class Progress:
-    """One updating line on stderr: epoch, loss, validation score, throughput."""
+    """Progress on stderr: one updating line on a terminal; one line per epoch in a file."""
 
     def __init__(self, epochs, stream=None):
         self.epochs = epochs
         self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.epoch = 0
-        self.t0 = time.perf_counter()
         self.last = 0.0
-        self.samples = 0
         self.val = None
 
     def start_epoch(self, epoch):
         self.epoch = epoch
+        self.val = None
         self.t_epoch = time.perf_counter()
+
+    def _line(self, done, total, loss, rate):
+        val = "" if self.val is None else f"  val {self.val:.4f}"
+        return (f"sagd: epoch {self.epoch}/{self.epochs}  {100 * done // total:3d}%  "
+                f"loss {loss:.4f}{val}  {rate:,.0f} samples/s")
 
     def batch(self, done, total, loss):
         now = time.perf_counter()
-        if now - self.last < 0.2 and done < total:
+        if not self.tty or (now - self.last < 0.2 and done < total):
             return
         self.last = now
         rate = done / max(now - self.t_epoch, 1e-9)
-        val = "" if self.val is None else f"  val {self.val:.4f}"
-        self.stream.write(f"\rsagd: epoch {self.epoch}/{self.epochs}  {100 * done // total:3d}%"
-                          f"  loss {loss:.4f}{val}  {rate:,.0f} samples/s ")
+        self.stream.write("\r" + self._line(done, total, loss, rate) + " ")
         self.stream.flush()
 
     def end_epoch(self, loss, val, n):
         self.val = val
-        self.samples += n
         rate = n / max(time.perf_counter() - self.t_epoch, 1e-9)
-        v = "" if val is None else f"  val {val:.4f}"
-        self.stream.write(f"\rsagd: epoch {self.epoch}/{self.epochs}  100%  loss {loss:.4f}"
-                          f"{v}  {rate:,.0f} samples/s ")
+        line = self._line(n, n, loss, rate)
+        self.stream.write(("\r" + line + " ") if self.tty else (line + "\n"))
         self.stream.flush()
 
     def close(self):
-        self.stream.write("\n")
-        self.stream.flush()
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -70,3 +70,31 @@ def test_module_entry_point_and_demo_on_the_shipped_digits():
                           "--epochs", "3", "-q"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout and "of the 16.0 MB budget" in out.stdout
+
+
+def test_headerless_csv_with_a_text_label_keeps_every_row(tmp_path, capsys):
+    rows = [f"{a:.2f},{b:.2f},{'yes' if a > b else 'no'}"
+            for a, b in np.random.default_rng(0).random((120, 2))]
+    data = tmp_path / "plain.csv"
+    data.write_text("\n".join(rows) + "\n")
+    model = tmp_path / "m.sagd"
+    assert main(["train", str(data), "-o", str(model), "--epochs", "2", "-q"]) == 0
+    assert "trained on 120 rows x 2 features" in capsys.readouterr().out
+    assert main(["predict", str(model), str(data), "--drop-last"]) == 0
+    assert len(capsys.readouterr().out.split()) == 120
+
+
+def test_quoted_fields_semicolons_and_bad_cells(tmp_path, capsys):
+    data = tmp_path / "q.csv"
+    data.write_text('"a";"b";"label"\n' + "".join(f'"{i}";"{i % 3}";"c{i % 2}"\n'
+                                                  for i in range(40)))
+    assert main(["train", str(data), "-o", str(tmp_path / "q.sagd"), "--epochs", "1",
+                 "-q"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,label\n1,2,x\n3,,y\n")
+    assert main(["train", str(bad), "-o", str(tmp_path / "b.sagd")]) == 2
+    assert "line 3, column 1 (b) holds '', not a number" in capsys.readouterr().err
+    assert main(["train", str(data), "-o", str(tmp_path / "no" / "m.sagd")]) == 2
+    err = capsys.readouterr().err
+    assert "the folder" in err and "does not exist" in err

@@ -88,8 +88,12 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, model, monkeypatc
 
 
 def test_saving_to_an_unwritable_place_raises(tmp_path, model):
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError, match="the folder .* does not exist"):
         model.save(tmp_path / "no" / "such" / "dir" / "m.sagd")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        model.save(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        sagd.load(tmp_path)
 
 
 def test_truncated_file(tmp_path, model):

@@ -65,6 +65,22 @@ def test_float_targets_regress_and_multi_output_works():
         m2.predict_proba(Xs)
 
 
+def test_float_labels_regress_with_a_warning():
+    with pytest.warns(UserWarning, match="float y means regression"):
+        m = quick(y=(Ys % 2).astype(float))
+    assert m.task == "regress"
+
+
+def test_threads_follow_the_environment():
+    import subprocess
+    import sys
+    code = "import sagd; print(sagd.get_num_threads())"
+    for env, want in (({"OMP_NUM_THREADS": "1"}, "1"), ({"SAGD_NUM_THREADS": "3"}, "3")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**__import__("os").environ, **env}, check=True)
+        assert out.stdout.strip() == want
+
+
 def test_task_can_be_forced():
     m = quick(y=Ys.astype(np.float64), task="classify")
     assert m.task == "classify" and m.classes.dtype == np.float64
@@ -127,11 +143,32 @@ def test_too_small_validation_split_is_a_clear_error():
         sagd.fit(Xs[:10], Ys[:10], validation_fraction=0.1, early_stopping=True)
 
 
-def test_verbose_prints_one_updating_line(capsys):
+def test_verbose_progress(capsys):
+    """One line per epoch in a file or pipe (a terminal gets one updating line)."""
     quick(verbose=True, epochs=2)
     err = capsys.readouterr().err
-    assert "epoch 2/2" in err and "loss" in err and "samples/s" in err
-    assert err.count("\n") == 1 and "\r" in err
+    lines = err.splitlines()
+    assert len(lines) == 2 and "\r" not in err
+    assert lines[1].startswith("sagd: epoch 2/2") and "loss" in err and "samples/s" in err
+
+
+def test_verbose_progress_on_a_terminal():
+    import io
+
+    from sagd.trainer import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    out = Terminal()
+    p = Progress(2, out)
+    for e in (1, 2):
+        p.start_epoch(e)
+        p.batch(50, 100, 0.5)
+        p.end_epoch(0.4, 0.9, 100)
+    p.close()
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.count("\r") >= 2 and "val 0.9000" in text
 
 
 def test_learning_rate_schedules_give_the_documented_rates():
