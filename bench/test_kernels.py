@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 from sagd import _kernels, blas
-from sagd.budget import Spec
-from sagd.formats import bias_format, new_tensor
 
 N = 1 << 22
 
@@ -55,23 +53,7 @@ def test_numpy_sgemm_baseline(benchmark):
 @pytest.mark.benchmark(group="dense step 128 x 1024 x 1024")
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16", "int8"])
 def test_dense_step(benchmark, fmt):
-    rng = np.random.default_rng(0)
-    state = "fp32" if fmt == "fp32" else "bf16"
-    W = new_tensor(fmt, (D, D), 0)
-    W.assign(rng.standard_normal((D, D)).astype(np.float32) * 0.03)
-    b = new_tensor(bias_format(fmt), (D,), 1)
-    st = [new_tensor(state, s, i) for i, s in enumerate([(D, D), (D, D), (D,), (D,)], 2)]
-    a = rng.standard_normal((B, D)).astype(np.float32)
-    g = rng.standard_normal((B, D)).astype(np.float32) * 0.01
-    z, dA = np.empty((B, D), np.float32), np.empty((B, D), np.float32)
-    slots = blas.tile_threads()
-    tile = Spec(sizes=(D, D), weights=fmt, slots=slots).full_tiles()[0]
-    scratch = np.empty(_kernels.backward_scratch_size(fmt, bias_format(fmt), tile, D, slots),
-                       np.float32)
-    step = _kernels.Step("adam", lr=1e-4, seed=1)
-
-    def layer_step():
-        _kernels.dense_forward(a, W, b, z, z, "relu", tile, scratch)
-        _kernels.dense_backward(g, a, dA, W, b, *st, step, tile, scratch)
+    from kernels import layer          # bench/kernels.py: the same layer step it times
     with blas.single_threaded():
-        benchmark(layer_step)
+        run, _, _ = layer(fmt, B, D)
+        benchmark(run)
