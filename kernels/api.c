@@ -75,15 +75,6 @@ static size_t chunk_len(size_t n, long c)
     return n - off < PAR_CHUNK ? n - off : PAR_CHUNK;
 }
 
-static int64_t sum_partials(const int64_t *partial)
-{
-    int64_t s = 0;
-    int t;
-    for (t = 0; t < SAGD_MAX_THREADS; t++)
-        s += partial[t];
-    return s;
-}
-
 /* ---------------------------------------------------------------- entry points */
 
 void sagd_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4])
@@ -133,17 +124,11 @@ static void encode_chunk(void *ctx, long c, int thread)
 int64_t sagd_encode(int fmt, const float *x, size_t n, void *out, float scale,
                     const sagd_rng *rng, uint64_t first_elem)
 {
-    encode_job j;
-    memset(&j, 0, sizeof j);
-    j.fmt = fmt;
-    j.x = x;
-    j.n = n;
-    j.out = (char *)out;
-    j.scale = scale;
-    j.rng = rng;
+    encode_job j = {0};
+    j.fmt = fmt, j.x = x, j.n = n, j.out = (char *)out, j.scale = scale, j.rng = rng;
     j.first = first_elem;
     sagd_parallel(n_chunks(n), encode_chunk, &j);
-    return sum_partials(j.partial);
+    return sagd_sum_partials(j.partial);
 }
 
 typedef struct {
@@ -166,11 +151,7 @@ static void decode_chunk(void *ctx, long c, int thread)
 void sagd_decode(int fmt, const void *in, size_t n, float scale, float *out)
 {
     decode_job j;
-    j.fmt = fmt;
-    j.in = (const char *)in;
-    j.n = n;
-    j.scale = scale;
-    j.out = out;
+    j.fmt = fmt, j.in = (const char *)in, j.n = n, j.scale = scale, j.out = out;
     sagd_parallel(n_chunks(n), decode_chunk, &j);
 }
 
@@ -206,18 +187,11 @@ int64_t sagd_optim_step(const sagd_optim *opt, int phase, size_t n, const sagd_s
                         float *g, const sagd_stored *m, const sagd_stored *v,
                         uint64_t first_elem)
 {
-    optim_job j;
-    memset(&j, 0, sizeof j);
-    j.opt = opt;
-    j.phase = phase;
-    j.n = n;
-    j.w = w;
-    j.m = m;
-    j.v = v;
-    j.g = g;
+    optim_job j = {0};
+    j.opt = opt, j.phase = phase, j.n = n, j.w = w, j.m = m, j.v = v, j.g = g;
     j.first = first_elem;
     sagd_parallel(n_chunks(n), optim_chunk, &j);
-    return sum_partials(j.partial);
+    return sagd_sum_partials(j.partial);
 }
 
 /* ---------------------------------------------------------------- permutation */

@@ -203,30 +203,16 @@ int64_t sagd_dense_forward(sagd_sgemm_fn f, int act, size_t batch, const sagd_ma
                            float *out, size_t ldo, size_t tile_rows, float *scratch,
                            size_t slots)
 {
-    forward_job j;
-    int64_t bad = 0;
-    int t;
-    memset(&j, 0, sizeof j);
-    j.gemm = f;
-    j.act = act;
-    j.batch = batch;
-    j.tile = tile_rows;
+    forward_job j = {0};
+    j.gemm = f, j.act = act, j.batch = batch, j.tile = tile_rows;
     j.slot = sagd_forward_slot(W->fmt, b ? b->fmt : SAGD_FP32, tile_rows, W->cols);
-    j.a = a;
-    j.W = W;
-    j.b = b;
-    j.z = z;
-    j.out = out;
-    j.ldz = ldz;
-    j.ldo = ldo;
+    j.a = a, j.W = W, j.b = b, j.z = z, j.out = out, j.ldz = ldz, j.ldo = ldo;
     j.scratch = scratch;
     if (batch == 0)
         return 0;
     sagd_parallel_upto((long)((W->rows + tile_rows - 1) / tile_rows), (int)slots, forward_tile,
                        &j);
-    for (t = 0; t < SAGD_MAX_THREADS; t++)
-        bad += j.bad[t];
-    return bad;
+    return sagd_sum_partials(j.bad);
 }
 
 /* ---------------------------------------------------------------- backward */
@@ -312,26 +298,12 @@ int64_t sagd_dense_backward(sagd_sgemm_fn f, size_t batch, const sagd_matrix *g,
                             sagd_tensor *vb, const sagd_update *uw, const sagd_update *ub,
                             size_t tile_rows, float *scratch, size_t slots)
 {
-    backward_job j;
-    int64_t bad = 0;
-    int t, threads = sagd_get_threads();
-    memset(&j, 0, sizeof j);
-    j.gemm = f;
-    j.batch = batch;
-    j.tile = tile_rows;
+    backward_job j = {0};
+    const int threads = sagd_get_threads();
+    j.gemm = f, j.batch = batch, j.tile = tile_rows;
     j.slot = sagd_backward_slot(W->fmt, b ? b->fmt : SAGD_FP32, tile_rows, W->cols);
-    j.g = g;
-    j.a = a;
-    j.dA = dA;
-    j.ldA = ldA;
-    j.W = W;
-    j.b = b;
-    j.mW = mW;
-    j.vW = vW;
-    j.mb = mb;
-    j.vb = vb;
-    j.uw = uw;
-    j.ub = ub;
+    j.g = g, j.a = a, j.dA = dA, j.ldA = ldA;
+    j.W = W, j.b = b, j.mW = mW, j.vW = vW, j.mb = mb, j.vb = vb, j.uw = uw, j.ub = ub;
     j.scratch = scratch;
     if (batch == 0)
         return 0;
@@ -343,7 +315,5 @@ int64_t sagd_dense_backward(sagd_sgemm_fn f, size_t batch, const sagd_matrix *g,
     }
     sagd_parallel_upto((long)((W->rows + tile_rows - 1) / tile_rows), (int)slots, update_tile,
                        &j);
-    for (t = 0; t < SAGD_MAX_THREADS; t++)
-        bad += j.bad[t];
-    return bad;
+    return sagd_sum_partials(j.bad);
 }

@@ -82,23 +82,11 @@ static void bias_act_rows(void *ctx, long chunk, int thread)
 int64_t sagd_bias_act(int act, size_t rows, size_t cols, const float *b, float *z,
                       size_t ldz, float *a, size_t lda)
 {
-    rows_job j;
-    int64_t bad = 0;
-    int t;
-    memset(&j, 0, sizeof j);
-    j.act = act;
-    j.rows = rows;
-    j.cols = cols;
-    j.b = b;
-    j.z = z;
-    j.ldz = ldz;
-    j.a = a;
-    j.lda = lda;
-    j.step = rows_per_chunk(cols);
+    rows_job j = {0};
+    j.act = act, j.rows = rows, j.cols = cols, j.b = b, j.z = z, j.ldz = ldz, j.a = a;
+    j.lda = lda, j.step = rows_per_chunk(cols);
     sagd_parallel((long)((rows + j.step - 1) / j.step), bias_act_rows, &j);
-    for (t = 0; t < SAGD_MAX_THREADS; t++)
-        bad += j.bad[t];
-    return bad;
+    return sagd_sum_partials(j.bad);
 }
 
 static void act_backward_rows(void *ctx, long chunk, int thread)
@@ -141,18 +129,11 @@ static void act_backward_rows(void *ctx, long chunk, int thread)
 void sagd_act_backward(int act, size_t rows, size_t cols, const float *z, const float *a,
                        size_t ld, float *d, size_t ldd)
 {
-    rows_job j;
+    rows_job j = {0};
     if (act == SAGD_IDENTITY)
         return;
-    j.act = act;
-    j.rows = rows;
-    j.cols = cols;
-    j.z_in = z;
-    j.a_in = a;
-    j.lda = ld;
-    j.d = d;
-    j.ldd = ldd;
-    j.step = rows_per_chunk(cols);
+    j.act = act, j.rows = rows, j.cols = cols, j.z_in = z, j.a_in = a, j.lda = ld, j.d = d;
+    j.ldd = ldd, j.step = rows_per_chunk(cols);
     sagd_parallel((long)((rows + j.step - 1) / j.step), act_backward_rows, &j);
 }
 

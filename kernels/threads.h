@@ -5,8 +5,20 @@
 /* Work on chunk `chunk` as thread `thread` (0 .. threads - 1). */
 typedef void (*sagd_chunk_fn)(void *ctx, long chunk, int thread);
 
+#include <stdint.h>
+
 /* Most threads a parallel region uses (sizes per-thread partial results). */
 #define SAGD_MAX_THREADS 64
+
+/* The reduction of a region's per-thread counts, summed in a fixed order. */
+static inline int64_t sagd_sum_partials(const int64_t partial[SAGD_MAX_THREADS])
+{
+    int64_t s = 0;
+    int t;
+    for (t = 0; t < SAGD_MAX_THREADS; t++)
+        s += partial[t];
+    return s;
+}
 
 /*
  * fn(ctx, c, t) for every chunk c in [0, n_chunks), chunk c on thread c % T, where
