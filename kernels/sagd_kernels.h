@@ -238,7 +238,6 @@ int sagd_simd_current(void);
 void sagd_threads_init(void);
 void sagd_set_threads(int n);         /* <= 0: one per available core */
 int sagd_get_threads(void);
-int sagd_openmp_enabled(void);        /* 0: the pool is not OpenMP (see threads.c) */
 
 #ifdef __cplusplus
 }

@@ -88,8 +88,6 @@ int sagd_get_threads(void)
     return n < SAGD_MAX_THREADS ? n : SAGD_MAX_THREADS;
 }
 
-int sagd_openmp_enabled(void) { return 0; }
-
 static void run_share(int thread, int n_threads)
 {
     long c;

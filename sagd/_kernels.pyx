@@ -111,7 +111,6 @@ cdef extern from "sagd_kernels.h" nogil:
     int sagd_simd_available(int level)
     int sagd_simd_select(int level)
     int sagd_simd_current()
-    int sagd_openmp_enabled()
     void sagd_threads_init()
     void sagd_set_threads(int n)
     int sagd_get_threads()

@@ -146,10 +146,6 @@ def plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _label_kind(dtype):
-    return "number" if dtype.kind in "biuf" else "string" if dtype.kind in "USO" else dtype.kind
-
-
 def find_classes(y, chunk):
     """Sorted unique labels of a 1-D y, found chunk by chunk."""
     classes = None

@@ -257,8 +257,7 @@ def _rebuild(header, arrays, path):
     classes = arrays.get("classes")
     loss = "squared" if task == "regress" else ("sigmoid" if sizes[-1] == 1 else "softmax")
     tr = Trainer(net, optimizer, loss, plan, int(header["trainer"]["seed"]),
-                 bool(header["trainer"]["stochastic"]),
-                 n_classes=None if classes is None else classes.shape[0])
+                 bool(header["trainer"]["stochastic"]))
     t = header["trainer"]
     tr.step, tr.epoch = int(t["step"]), int(t["epoch"])
     tr.lr_scale, tr.total_steps = float(t["lr_scale"]), int(t["total_steps"])

@@ -269,8 +269,7 @@ class Model:
         plan = plan_fit(spec, s["batch_size"], s["memory_budget_bytes"])
         net = Network(spec.sizes, s["activation"], s["weights"])
         net.add_states(optimizer.n_states, s["state"])
-        trainer = Trainer(net, optimizer, loss, plan, s["seed"], s["rounding"] == "stochastic",
-                          n_classes=None if classes is None else classes.shape[0])
+        trainer = Trainer(net, optimizer, loss, plan, s["seed"], s["rounding"] == "stochastic")
         trainer.allocate(s["early_stopping"])
         net.initialize(trainer.seed, trainer.stochastic, trainer.buf.scratch)
         self.settings_checked = s

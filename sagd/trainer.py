@@ -30,14 +30,13 @@ class Trainer:
     loss: "softmax" (labels 0..K-1), "sigmoid" (labels 0/1, one output) or "squared".
     """
 
-    def __init__(self, network, optimizer, loss, plan, seed, stochastic, n_classes=None):
+    def __init__(self, network, optimizer, loss, plan, seed, stochastic):
         self.network = network
         self.optimizer = optimizer
         self.loss = loss
         self.plan = plan
         self.seed = int(seed)
         self.stochastic = stochastic
-        self.n_classes = n_classes
         self.step = 0               # optimizer steps taken
         self.epoch = 0              # epochs (or partial_fit passes) begun
         self.lr_scale = 1.0         # "adaptive" schedule divides this on plateaus
