@@ -11,6 +11,7 @@ from sagd.formats import new_tensor
 from . import oracle
 
 ROWS, COLS = 7, 33
+BF16_MAX = float(np.array(0x7F7F0000, np.uint32).view(np.float32))
 
 
 def tensors(fmt="fp32", states="fp32", adam=True, seed=0):
@@ -118,6 +119,36 @@ def test_non_finite_results_are_never_stored():
         assert now[2, 5] == before[2, 5] and now[4, 0] == before[4, 0]
         assert np.mean(now != before) > 0.5     # the other elements did move
     assert np.all(np.isfinite(p.to_float()))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_write_back_rounds_like_the_encoder_with_the_same_bits(fmt):
+    """The step's stochastic write-back of weights and state is the format's rounding of
+    the fp32 result with the tensor's own stream, bit for bit; at the top of the range
+    (bf16) it saturates to the largest finite value instead of overflowing."""
+    rng = np.random.default_rng(5)
+    top, push = (BF16_MAX, 2e36) if fmt == "bf16" else (65504.0, 2.0)
+    w0 = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+    w0[0, :4] = top                                 # pushed past the largest finite value
+    g = (rng.standard_normal((ROWS, COLS)) * 1e-3).astype(np.float32)
+    g[0, :4] = -push              # w + lr * push lies between the largest and inf
+    p, m = new_tensor(fmt, (ROWS, COLS), 4), new_tensor("bf16", (ROWS, COLS), 9)
+    p.assign(w0, stochastic=False)
+    w = p.to_float()
+    step = _kernels.Step("sgd", lr=0.5, momentum=0.9, seed=11)
+    step.step = 3
+    assert _kernels.optim_step(step, p, g.reshape(-1).copy(), m) == 0
+    # momentum starts at zero: the new m is g, the new w is w - lr * g (in fp32), and each
+    # is rounded with its tensor's stream (seed, tensor id << 16 | micro-batch, step)
+    expect_m = np.zeros(ROWS * COLS, np.uint16)
+    _kernels.encode(g.reshape(-1), expect_m, "bf16", seed=11, stream=9 << 16, step=3)
+    wn = (w - np.float32(0.5) * g).astype(np.float32).reshape(-1)
+    expect_w = np.zeros(ROWS * COLS, np.uint16)
+    _kernels.encode(wn, expect_w, fmt, seed=11, stream=4 << 16, step=3)
+    np.testing.assert_array_equal(m.codes.reshape(-1), expect_m)
+    np.testing.assert_array_equal(p.codes.reshape(-1), expect_w)
+    assert np.all(np.isfinite(p.to_float()))
+    assert np.all(p.to_float()[0, :4] == np.float32(top))
 
 
 def test_int8_row_that_outgrows_its_scale_gets_a_new_one():

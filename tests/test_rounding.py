@@ -116,10 +116,11 @@ def test_random_words_are_philox4x32_10():
 
 
 @pytest.mark.parametrize("first", [0, 1, 3, 64, 1001])
-def test_random_word_stream_matches_numpy_oracle(first, simd):
+@pytest.mark.parametrize("n", [777, 100, 7])     # whole lane groups, a part of one, blocks
+def test_random_word_stream_matches_numpy_oracle(first, n, simd):
     seed, stream, step = 0x0123456789ABCDEF, 0xABCD0001, (7 << 32) + 11
-    got = _kernels.random_words(seed, stream, step, first, 777)
-    assert np.array_equal(got, oracle.random_words(seed, stream, step, first, 777))
+    got = _kernels.random_words(seed, stream, step, first, n)
+    assert np.array_equal(got, oracle.random_words(seed, stream, step, first, n))
 
 
 # --------------------------------------------------------------------- statistics
