@@ -95,11 +95,12 @@ typedef struct {
 } sagd_stored;
 
 /*
- * One optimizer step on n elements (a tile, flattened), in one pass: decode each weight,
- * update the optimizer state, and (phase & APPLY) round the new weight back into w.
+ * One optimizer step on n elements (a tile, flattened), chunk by chunk (a few hundred
+ * elements, which stay in L1): decode the weights and state, update the state, and
+ * (phase & APPLY) round the new weights back into w.
  *   w      the weights as stored: fp32, bf16 or fp16. int8 weights are passed decoded,
  *          as an fp32 run that receives the new values; the caller then chooses each
- *          row's scale and rounds the row (Stored.write_rows).
+ *          row's scale and rounds the row (sagd_tensor_write).
  *   g      this pass's share of the gradient
  *   m, v   optimizer state (fmt SAGD_FP32 or SAGD_BF16); v only for Adam; m.data NULL for
  *          plain SGD, which applies every pass
