@@ -729,11 +729,20 @@ def gather_rows(const feature_t[:, :] X, const int64_t[::1] idx, float[:, ::1] o
     for j in range(n):
         if idx[j] < 0 or idx[j] >= X.shape[0]:
             raise IndexError(f"row {idx[j]} is outside 0..{X.shape[0] - 1}")
+    cdef const feature_t* row
+    cdef float* o
     with nogil:
-        for j in range(n):
-            i = idx[j]
-            for c in range(d):
-                out[j, c] = <float>X[i, c]
+        if d and X.strides[1] == sizeof(feature_t):     # rows contiguous: a loop the C
+            for j in range(n):                          # compiler vectorizes
+                row = &X[idx[j], 0]
+                o = &out[j, 0]
+                for c in range(d):
+                    o[c] = <float>row[c]
+        else:
+            for j in range(n):
+                i = idx[j]
+                for c in range(d):
+                    out[j, c] = <float>X[i, c]
 
 
 ctypedef fused index_t:
