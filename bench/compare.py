@@ -478,6 +478,9 @@ def main():
     if args.epochs < 1 or args.rounds < 1:
         p.error("--epochs and --rounds must be at least 1")
     results, names = {}, []
+    unknown = set(args.only or ()) - set(WORKERS)
+    if unknown:
+        p.error(f"--only: unknown {sorted(unknown)}; the names are {list(WORKERS)}")
     for name in WORKERS:
         if args.only and name not in args.only:
             continue
