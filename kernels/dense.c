@@ -9,6 +9,10 @@
  *           then per tile R: dW = g[:, R]^T a, db = sum g[:, R], the fused update of
  *           W[R] and b[R] and their optimizer state          (tiles R in parallel)
  * No buffer the size of W exists: a tile's gradient lives in its thread's scratch.
+ * Given the list of a batch's nonzero input columns (sagd_nonzero_columns), the first layer
+ * runs both products over those columns alone: the forward pass gathers them from each
+ * tile of W, and the tile's weight gradient is computed for them and spread back into a
+ * full row of zeros before the update.
  */
 #include <string.h>
 
@@ -43,6 +47,100 @@ void sagd_tensor_decode(const sagd_tensor *t, size_t r0, size_t r1, size_t c0, s
     for (r = r0; r < r1; r++)
         sagd_decode(t->fmt, row_of(t, r) + c0 * code_size(t->fmt), c1 - c0,
                     t->fmt == SAGD_INT8 ? t->scales[r] : 1.0f, out + (r - r0) * ldo);
+}
+
+void sagd_tensor_decode_columns(const sagd_tensor *t, size_t r0, size_t r1,
+                                const int32_t *cols, size_t n, float *out, size_t ldo)
+{
+    /* codes gathered a block at a time, then decoded as a run */
+    union {
+        uint32_t c32[256];
+        uint16_t c16[256];
+        uint8_t c8[256];
+    } block;
+    const size_t size = code_size(t->fmt);
+    size_t r, s, j;
+    for (r = r0; r < r1; r++) {
+        const char *row = row_of(t, r);
+        const float scale = t->fmt == SAGD_INT8 ? t->scales[r] : 1.0f;
+        for (s = 0; s < n; s += 256) {
+            const size_t len = n - s < 256 ? n - s : 256;
+            const int32_t *c = cols + s;
+            if (size == 4)
+                for (j = 0; j < len; j++)
+                    block.c32[j] = ((const uint32_t *)row)[c[j]];
+            else if (size == 2)
+                for (j = 0; j < len; j++)
+                    block.c16[j] = ((const uint16_t *)row)[c[j]];
+            else
+                for (j = 0; j < len; j++)
+                    block.c8[j] = ((const uint8_t *)row)[c[j]];
+            sagd_decode(t->fmt, &block, len, scale, out + (r - r0) * ldo + s);
+        }
+    }
+}
+
+size_t sagd_nonzero_columns(size_t rows, size_t cols, const float *x, size_t ld, int32_t *idx)
+{
+    /* idx first holds, per column, the OR of its magnitudes' bits */
+    uint32_t *any = (uint32_t *)idx;
+    size_t r, c, n = 0;
+    for (c = 0; c < cols; c++)
+        any[c] = 0;
+    for (r = 0; r < rows; r++) {
+        const uint32_t *xr = (const uint32_t *)(x + r * ld);
+        for (c = 0; c < cols; c++)
+            any[c] |= xr[c] & 0x7fffffffu;
+    }
+    for (c = 0; c < cols; c++) /* n <= c: the list overwrites flags already read */
+        if (any[c])
+            idx[n++] = (int32_t)c;
+    return n;
+}
+
+void sagd_pack_columns(size_t rows, float *x, size_t ld, const int32_t *idx, size_t n)
+{
+    size_t r, j;
+    for (r = 0; r < rows; r++) { /* destinations never pass their sources: n <= ld */
+        const float *src = x + r * ld;
+        float *dst = x + r * n;
+        for (j = 0; j < n; j++)
+            dst[j] = src[idx[j]];
+    }
+}
+
+/* In place: the rows x n block of gradients for the columns cols that ends where g's rows x
+   n_all floats end becomes the rows x n_all block of every column, zero elsewhere. Row r
+   is written where it ends before its source begins (most rows: a memset and a scatter);
+   otherwise in ascending order, each write at or below the value it reads next, and below
+   the sources of the rows after it. */
+static float *packed_block(float *g, size_t rows, size_t n_all, size_t n)
+{
+    return g + rows * (n_all - n);
+}
+
+static void spread_columns(float *g, size_t rows, size_t n_all, const int32_t *cols, size_t n)
+{
+    const float *packed = packed_block(g, rows, n_all, n);
+    size_t r, j, c;
+    for (r = 0; r < rows; r++) {
+        const float *src = packed + r * n;
+        float *dst = g + r * n_all;
+        if (dst + n_all <= src) {
+            memset(dst, 0, n_all * sizeof *dst);
+            for (j = 0; j < n; j++)
+                dst[cols[j]] = src[j];
+            continue;
+        }
+        for (j = 0, c = 0; j < n; j++) {
+            const float v = src[j];
+            while (c < (size_t)cols[j])
+                dst[c++] = 0.0f;
+            dst[c++] = v;
+        }
+        while (c < n_all)
+            dst[c++] = 0.0f;
+    }
 }
 
 int64_t sagd_tensor_write(sagd_tensor *t, size_t r0, size_t r1, const float *x,
@@ -151,6 +249,8 @@ typedef struct {
     int act;
     size_t batch, tile, slot;
     const sagd_matrix *a;
+    const int32_t *cols;
+    size_t n_cols;
     const sagd_tensor *W, *b;
     float *z, *out, *scratch;
     size_t ldz, ldo;
@@ -163,17 +263,21 @@ static void forward_tile(void *ctx, long tile, int thread)
     const sagd_tensor *W = j->W, *b = j->b;
     const size_t n_in = W->cols, r0 = (size_t)tile * j->tile;
     const size_t r1 = r0 + j->tile < W->rows ? r0 + j->tile : W->rows;
+    const size_t k = j->cols ? j->n_cols : n_in;
     float *wbuf = j->scratch + (size_t)thread * j->slot;
-    float *bbuf = wbuf + (W->fmt != SAGD_FP32 ? j->tile * n_in : 0);
+    float *bbuf = wbuf + (W->fmt != SAGD_FP32 || j->cols ? j->tile * n_in : 0);
     const float *bias = NULL;
     sagd_matrix Wt;
-    if (W->fmt == SAGD_FP32) {
+    if (j->cols) {
+        sagd_tensor_decode_columns(W, r0, r1, j->cols, k, wbuf, k);
+        Wt = rows_of(wbuf, (int)k);
+    } else if (W->fmt == SAGD_FP32) {
         Wt = rows_of((float *)row_of(W, r0), (int)n_in);
     } else {
         sagd_tensor_decode(W, r0, r1, 0, n_in, wbuf, n_in);
         Wt = rows_of(wbuf, (int)n_in);
     }
-    gemm(j->gemm, 0, j->a, 1, &Wt, (int)j->batch, (int)(r1 - r0), (int)n_in, 1.0f, 0.0f,
+    gemm(j->gemm, 0, j->a, 1, &Wt, (int)j->batch, (int)(r1 - r0), (int)k, 1.0f, 0.0f,
          j->z + r0, (int)j->ldz);
     if (b != NULL) {
         if (b->fmt == SAGD_FP32) {
@@ -187,9 +291,10 @@ static void forward_tile(void *ctx, long tile, int thread)
                                     j->out + r0, j->ldo);
 }
 
-size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
+size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in, int subset)
 {
-    return (wfmt != SAGD_FP32 ? tile_rows * n_in : 0) + (bfmt != SAGD_FP32 ? tile_rows : 0);
+    return (wfmt != SAGD_FP32 || subset ? tile_rows * n_in : 0)
+           + (bfmt != SAGD_FP32 ? tile_rows : 0);
 }
 
 size_t sagd_backward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
@@ -199,14 +304,16 @@ size_t sagd_backward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
 }
 
 int64_t sagd_dense_forward(sagd_sgemm_fn f, int act, size_t batch, const sagd_matrix *a,
-                           const sagd_tensor *W, const sagd_tensor *b, float *z, size_t ldz,
-                           float *out, size_t ldo, size_t tile_rows, float *scratch,
-                           size_t slots)
+                           const int32_t *cols, size_t n_cols, const sagd_tensor *W,
+                           const sagd_tensor *b, float *z, size_t ldz, float *out, size_t ldo,
+                           size_t tile_rows, float *scratch, size_t slots)
 {
     forward_job j = {0};
     j.gemm = f, j.act = act, j.batch = batch, j.tile = tile_rows;
-    j.slot = sagd_forward_slot(W->fmt, b ? b->fmt : SAGD_FP32, tile_rows, W->cols);
-    j.a = a, j.W = W, j.b = b, j.z = z, j.out = out, j.ldz = ldz, j.ldo = ldo;
+    j.slot = sagd_forward_slot(W->fmt, b ? b->fmt : SAGD_FP32, tile_rows, W->cols,
+                               cols != NULL);
+    j.a = a, j.cols = cols, j.n_cols = n_cols;
+    j.W = W, j.b = b, j.z = z, j.out = out, j.ldz = ldz, j.ldo = ldo;
     j.scratch = scratch;
     if (batch == 0)
         return 0;
@@ -221,6 +328,8 @@ typedef struct {
     sagd_sgemm_fn gemm;
     size_t batch, tile, slot, n_blocks;
     const sagd_matrix *g, *a;
+    const int32_t *cols;
+    size_t n_cols;
     float *dA;
     size_t ldA;
     sagd_tensor *W, *b, *mW, *vW, *mb, *vb;
@@ -282,8 +391,14 @@ static void update_tile(void *ctx, long tile, int thread)
     sagd_matrix G = *j->g;
     int64_t bad;
     G.p = at(j->g, 0, r0);
-    gemm(j->gemm, 1, &G, 0, j->a, (int)(r1 - r0), (int)n_in, (int)j->batch, 1.0f, 0.0f, gbuf,
-         (int)n_in);
+    if (j->cols) {
+        gemm(j->gemm, 1, &G, 0, j->a, (int)(r1 - r0), (int)j->n_cols, (int)j->batch, 1.0f,
+             0.0f, packed_block(gbuf, r1 - r0, n_in, j->n_cols), (int)j->n_cols);
+        spread_columns(gbuf, r1 - r0, n_in, j->cols, j->n_cols);
+    } else {
+        gemm(j->gemm, 1, &G, 0, j->a, (int)(r1 - r0), (int)n_in, (int)j->batch, 1.0f, 0.0f,
+             gbuf, (int)n_in);
+    }
     bad = sagd_update_rows(j->uw, W, r0, r1, wbuf, gbuf, j->mW, j->vW);
     if (j->b != NULL) {
         column_sums(j->g, j->batch, r0, r1 - r0, dbbuf);
@@ -293,7 +408,8 @@ static void update_tile(void *ctx, long tile, int thread)
 }
 
 int64_t sagd_dense_backward(sagd_sgemm_fn f, size_t batch, const sagd_matrix *g,
-                            const sagd_matrix *a, float *dA, size_t ldA, sagd_tensor *W,
+                            const sagd_matrix *a, const int32_t *cols, size_t n_cols,
+                            float *dA, size_t ldA, sagd_tensor *W,
                             sagd_tensor *b, sagd_tensor *mW, sagd_tensor *vW, sagd_tensor *mb,
                             sagd_tensor *vb, const sagd_update *uw, const sagd_update *ub,
                             size_t tile_rows, float *scratch, size_t slots)
@@ -302,9 +418,11 @@ int64_t sagd_dense_backward(sagd_sgemm_fn f, size_t batch, const sagd_matrix *g,
     const int threads = sagd_get_threads();
     j.gemm = f, j.batch = batch, j.tile = tile_rows;
     j.slot = sagd_backward_slot(W->fmt, b ? b->fmt : SAGD_FP32, tile_rows, W->cols);
-    j.g = g, j.a = a, j.dA = dA, j.ldA = ldA;
+    j.g = g, j.a = a, j.cols = cols, j.n_cols = n_cols, j.dA = dA, j.ldA = ldA;
     j.W = W, j.b = b, j.mW = mW, j.vW = vW, j.mb = mb, j.vb = vb, j.uw = uw, j.ub = ub;
     j.scratch = scratch;
+    if (cols != NULL && dA != NULL)
+        return -1;
     if (batch == 0)
         return 0;
     if (dA != NULL) { /* before any weight changes */

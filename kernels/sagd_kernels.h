@@ -136,6 +136,9 @@ typedef struct {
 /* Decode rows r0..r1-1, columns c0..c1-1 of t into out (row stride ldo). */
 void sagd_tensor_decode(const sagd_tensor *t, size_t r0, size_t r1, size_t c0, size_t c1,
                         float *out, size_t ldo);
+/* Decode rows r0..r1-1 of t at the n columns cols[0..n-1] into out (row stride ldo). */
+void sagd_tensor_decode_columns(const sagd_tensor *t, size_t r0, size_t r1,
+                                const int32_t *cols, size_t n, float *out, size_t ldo);
 /* Round rows r0..r1-1 from x (int8 rows first get a new scale when they fit it badly). */
 int64_t sagd_tensor_write(sagd_tensor *t, size_t r0, size_t r1, const float *x,
                           const sagd_rng *rng);
@@ -157,28 +160,46 @@ typedef struct {
     int colmajor;
 } sagd_matrix;
 
-/* Floats of scratch one thread needs for a tile of tile_rows rows. */
-size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in);
+/*
+ * Input columns that are zero in a whole batch add nothing to a layer's products: a batch of
+ * images with empty borders, one-hot or bag-of-words features. A layer can then be given the
+ * batch without them: `a` holds only the input columns cols[0..n_cols-1] (ascending), and
+ * the products run over those alone (cols NULL: a holds every column).
+ */
+
+/* Columns of x (rows x cols, row stride ld) that hold a value other than +-0, ascending,
+   into idx (room for cols entries); returns their count. */
+size_t sagd_nonzero_columns(size_t rows, size_t cols, const float *x, size_t ld, int32_t *idx);
+/* In place: row r of x (row stride ld) becomes x[r, idx[0..n-1]], the rows n apart. */
+void sagd_pack_columns(size_t rows, float *x, size_t ld, const int32_t *idx, size_t n);
+
+/* Floats of scratch one thread needs for a tile of tile_rows rows; subset: the layer reads
+   a subset of its input columns (fp32 weights are then gathered into scratch too). */
+size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in, int subset);
 size_t sagd_backward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in);
 
 /*
- * out = act(z), z = a @ W^T + b for `batch` rows of a; tiles of tile_rows rows of W run in
- * parallel on up to `slots` threads, each with its slot of scratch (sagd_forward_slot).
- * Returns the count of z that overflowed (see sagd_bias_act).
+ * out = act(z), z = a @ W^T + b for `batch` rows of a (a: the input columns cols, or all of
+ * them); tiles of tile_rows rows of W run in parallel on up to `slots` threads, each with
+ * its slot of scratch (sagd_forward_slot). Returns the count of z that overflowed (see
+ * sagd_bias_act).
  */
 int64_t sagd_dense_forward(sagd_sgemm_fn gemm, int act, size_t batch, const sagd_matrix *a,
-                           const sagd_tensor *W, const sagd_tensor *b, float *z, size_t ldz,
-                           float *out, size_t ldo, size_t tile_rows, float *scratch,
-                           size_t slots);
+                           const int32_t *cols, size_t n_cols, const sagd_tensor *W,
+                           const sagd_tensor *b, float *z, size_t ldz, float *out, size_t ldo,
+                           size_t tile_rows, float *scratch, size_t slots);
 
 /*
  * Backward pass of z = a @ W^T + b from g = dL/dz, with the fused update of W and b.
- * dA (NULL: not wanted) receives g @ W computed with the weights before the update.
- * uw updates W, ub the biases (e.g. without weight decay). Returns the count of updates
- * that were not finite (and were not stored).
+ * dA (NULL: not wanted) receives g @ W computed with the weights before the update; it
+ * must be NULL when a holds only the columns cols (their weight gradient is computed, the
+ * other columns' is zero). uw updates W, ub the biases (e.g. without weight decay).
+ * Returns the count of updates that were not finite (and were not stored), or -1 when dA
+ * is asked for with cols.
  */
 int64_t sagd_dense_backward(sagd_sgemm_fn gemm, size_t batch, const sagd_matrix *g,
-                            const sagd_matrix *a, float *dA, size_t ldA, sagd_tensor *W,
+                            const sagd_matrix *a, const int32_t *cols, size_t n_cols,
+                            float *dA, size_t ldA, sagd_tensor *W,
                             sagd_tensor *b, sagd_tensor *mW, sagd_tensor *vW, sagd_tensor *mb,
                             sagd_tensor *vb, const sagd_update *uw, const sagd_update *ub,
                             size_t tile_rows, float *scratch, size_t slots);

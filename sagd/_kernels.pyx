@@ -73,18 +73,22 @@ cdef extern from "sagd_kernels.h" nogil:
 
     void sagd_tensor_decode(const sagd_tensor *t, size_t r0, size_t r1, size_t c0, size_t c1,
                             float *out, size_t ldo)
+    size_t sagd_nonzero_columns(size_t rows, size_t cols, const float *x, size_t ld,
+                                int32_t *idx)
+    void sagd_pack_columns(size_t rows, float *x, size_t ld, const int32_t *idx, size_t n)
     int64_t sagd_tensor_write(sagd_tensor *t, size_t r0, size_t r1, const float *x,
                               const sagd_rng *rng)
     int64_t sagd_update_rows(const sagd_update *u, sagd_tensor *p, size_t r0, size_t r1,
                              float *decoded, float *g, sagd_tensor *m, sagd_tensor *v)
-    size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
+    size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in, int subset)
     size_t sagd_backward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in)
     int64_t sagd_dense_forward(sagd_sgemm_fn gemm, int act, size_t batch, const sagd_matrix *a,
-                               const sagd_tensor *W, const sagd_tensor *b, float *z,
-                               size_t ldz, float *out, size_t ldo, size_t tile_rows,
-                               float *scratch, size_t slots)
+                               const int32_t *cols, size_t n_cols, const sagd_tensor *W,
+                               const sagd_tensor *b, float *z, size_t ldz, float *out,
+                               size_t ldo, size_t tile_rows, float *scratch, size_t slots)
     int64_t sagd_dense_backward(sagd_sgemm_fn gemm, size_t batch, const sagd_matrix *g,
-                                const sagd_matrix *a, float *dA, size_t ldA, sagd_tensor *W,
+                                const sagd_matrix *a, const int32_t *cols, size_t n_cols,
+                                float *dA, size_t ldA, sagd_tensor *W,
                                 sagd_tensor *b, sagd_tensor *mW, sagd_tensor *vW,
                                 sagd_tensor *mb, sagd_tensor *vb, const sagd_update *uw,
                                 const sagd_update *ub, size_t tile_rows, float *scratch,
@@ -495,10 +499,11 @@ def as_blas_operand(x):
 
 
 def forward_scratch_size(str fmt, str bias_fmt, Py_ssize_t tile_rows, Py_ssize_t n_in,
-                         Py_ssize_t slots=1):
+                         Py_ssize_t slots=1, bint subset=False):
     """Floats of scratch dense_forward needs to run tiles of tile_rows rows on `slots`
-    threads at once (each thread decodes its tile)."""
-    return slots * sagd_forward_slot(FORMATS[fmt], FORMATS[bias_fmt], tile_rows, n_in)
+    threads at once (each thread decodes its tile; with subset, a subset of its columns,
+    which fp32 weights need room for too)."""
+    return slots * sagd_forward_slot(FORMATS[fmt], FORMATS[bias_fmt], tile_rows, n_in, subset)
 
 
 def backward_scratch_size(str fmt, str bias_fmt, Py_ssize_t tile_rows, Py_ssize_t n_in,
@@ -521,39 +526,82 @@ cdef void _check_layer(Stored W, Stored b) except *:
         raise ValueError(f"bias has shape ({b.rows}, {b.cols}), expected ({W.rows},)")
 
 
+def nonzero_columns(const float[:, ::1] x, int32_t[::1] idx):
+    """The columns of x holding a value other than +-0 go to idx[:n], ascending; returns n."""
+    if idx.shape[0] < x.shape[1]:
+        raise ValueError(f"idx has room for {idx.shape[0]} columns, x has {x.shape[1]}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return 0
+    cdef size_t n
+    with nogil:
+        n = sagd_nonzero_columns(x.shape[0], x.shape[1], &x[0, 0], x.strides[0] // 4, &idx[0])
+    return n
+
+
+def pack_columns(x, const int32_t[::1] cols):
+    """In place: rows of the C-contiguous 2-D float32 array x keep only the columns cols
+    (ascending). Returns the packed (rows, len(cols)) view of x's memory."""
+    cdef float[:, ::1] xv = x
+    cdef Py_ssize_t n = cols.shape[0], rows = xv.shape[0]
+    _check_columns(cols, xv.shape[1])
+    if rows and n:
+        with nogil:
+            sagd_pack_columns(rows, &xv[0, 0], xv.shape[1], &cols[0], n)
+    return x.reshape(-1)[: rows * n].reshape(rows, n)
+
+
+cdef void _check_columns(const int32_t[::1] cols, Py_ssize_t n_in) except *:
+    cdef Py_ssize_t j
+    if cols.shape[0] == 0 or cols.shape[0] > n_in:
+        raise ValueError(f"cols must list 1 to {n_in} columns, got {cols.shape[0]}")
+    for j in range(cols.shape[0]):
+        if cols[j] < 0 or cols[j] >= n_in or (j and cols[j] <= cols[j - 1]):
+            raise ValueError(f"cols must be ascending column numbers in 0..{n_in - 1}; "
+                             f"cols[{j}] = {cols[j]}")
+
+
 def dense_forward(const float[:, :] a, Stored W, Stored b, float[:, ::1] z, float[:, ::1] out,
-                  str activation, Py_ssize_t tile_rows, float[::1] scratch):
+                  str activation, Py_ssize_t tile_rows, float[::1] scratch,
+                  const int32_t[::1] cols=None):
     """out = act(z), z = a @ W^T + b, W read tile_rows rows at a time (decoded into
-    scratch). Tiles run in parallel on as many threads as scratch has room for
-    (forward_scratch_size). out may be z itself (not for gelu, whose backward needs z).
-    Returns the number of z that are NaN, infinite or beyond 2^64 in magnitude."""
+    scratch). With cols, a holds only the layer's input columns cols (the others are zero),
+    and the products skip the rest. Tiles run in parallel on as many threads as scratch has
+    room for (forward_scratch_size). out may be z itself (not for gelu, whose backward
+    needs z). Returns the number of z that are NaN, infinite or beyond 2^64 in magnitude."""
     cdef int act = ACTIVATIONS[activation]
     cdef Py_ssize_t B = a.shape[0], n_in = W.t.cols, n_out = W.t.rows, T
     T = min(max(tile_rows, 1), n_out)
     _check_layer(W, b)
-    if a.shape[1] != n_in:
+    if cols is not None:
+        _check_columns(cols, n_in)
+        if a.shape[1] != cols.shape[0]:
+            raise ValueError(f"input has {a.shape[1]} columns, cols lists {cols.shape[0]}")
+    elif a.shape[1] != n_in:
         raise ValueError(f"input has {a.shape[1]} features, the layer takes {n_in}")
     if z.shape[0] != B or z.shape[1] != n_out or out.shape[0] != B or out.shape[1] != n_out:
         raise ValueError(f"z and out must have shape ({B}, {n_out})")
     cdef size_t per = sagd_forward_slot(W.t.fmt, b.t.fmt if b is not None else SAGD_FP32, T,
-                                        n_in)
+                                        n_in, cols is not None)
     cdef Py_ssize_t slots = _slots(scratch.shape[0], per, "dense_forward")
     if B == 0:
         return 0
     cdef sagd_matrix A = _matrix(a, "a")
     cdef float* sp = &scratch[0] if scratch.shape[0] else NULL
     cdef sagd_tensor* tb = _tensor(b)
+    cdef const int32_t* cp = &cols[0] if cols is not None else NULL
+    cdef size_t n_cols = cols.shape[0] if cols is not None else 0
     cdef int64_t bad
     with nogil:
-        bad = sagd_dense_forward(<sagd_sgemm_fn>sgemm, act, B, &A, &W.t, tb, &z[0, 0],
-                                 z.strides[0] // 4, &out[0, 0], out.strides[0] // 4, T, sp,
-                                 slots)
+        bad = sagd_dense_forward(<sagd_sgemm_fn>sgemm, act, B, &A, cp, n_cols, &W.t, tb,
+                                 &z[0, 0], z.strides[0] // 4, &out[0, 0], out.strides[0] // 4,
+                                 T, sp, slots)
     return bad
 
 
 def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Stored b,
                    Stored mW, Stored vW, Stored mb, Stored vb, Step step,
-                   Py_ssize_t tile_rows, float[::1] scratch, Step bias_step=None):
+                   Py_ssize_t tile_rows, float[::1] scratch, Step bias_step=None,
+                   const int32_t[::1] cols=None):
     """Backward pass of z = a @ W^T + b and the fused update, tile_rows rows of W at a time.
 
     g: dL/dz (B x n_out); a: the layer input (B x n_in); dA: None, or a float32 (B x n_in)
@@ -562,16 +610,24 @@ def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Store
     scratch, and the optimizer updates the states and (when the step applies) rounds the
     new weights into W[R]. No buffer the size of W exists. Tiles run in parallel on as
     many threads as scratch has room for (backward_scratch_size). bias_step (default:
-    step) updates the biases, e.g. without weight decay. Returns the number of elements
-    whose update was not finite (and was not stored).
+    step) updates the biases, e.g. without weight decay. With cols (as in dense_forward),
+    a holds only those input columns: the other columns' weight gradient is zero, and dA
+    cannot be asked for. Returns the number of elements whose update was not finite (and
+    was not stored).
     """
     if bias_step is None:
         bias_step = step
     cdef Py_ssize_t B = g.shape[0], n_in = W.t.cols, n_out = W.t.rows, T
+    cdef Py_ssize_t width = n_in
     T = min(max(tile_rows, 1), n_out)
     _check_layer(W, b)
-    if g.shape[1] != n_out or a.shape[0] != B or a.shape[1] != n_in:
-        raise ValueError(f"g must be ({B}, {n_out}) and a ({B}, {n_in}); got "
+    if cols is not None:
+        _check_columns(cols, n_in)
+        width = cols.shape[0]
+        if dA is not None:
+            raise ValueError("dA cannot be computed from a subset of the input columns")
+    if g.shape[1] != n_out or a.shape[0] != B or a.shape[1] != width:
+        raise ValueError(f"g must be ({B}, {n_out}) and a ({B}, {width}); got "
                          f"({g.shape[0]}, {g.shape[1]}) and ({a.shape[0]}, {a.shape[1]})")
     for name, st, p in (("mW", mW, W), ("vW", vW, W), ("mb", mb, b), ("vb", vb, b)):
         if st is not None and (p is None or st.rows != p.rows or st.cols != p.cols):
@@ -597,10 +653,13 @@ def dense_backward(const float[:, :] g, const float[:, :] a, dA, Stored W, Store
     cdef sagd_matrix G = _matrix(g, "g"), A = _matrix(a, "a")
     cdef sagd_tensor *tb = _tensor(b), *tmW = _tensor(mW), *tvW = _tensor(vW)
     cdef sagd_tensor *tmb = _tensor(mb), *tvb = _tensor(vb)
+    cdef const int32_t* cp = &cols[0] if cols is not None else NULL
+    cdef size_t n_cols = cols.shape[0] if cols is not None else 0
     cdef int64_t bad
     with nogil:
-        bad = sagd_dense_backward(<sagd_sgemm_fn>sgemm, B, &G, &A, dAp, ldA, &W.t, tb, tmW,
-                                  tvW, tmb, tvb, &step.u, &bias_step.u, T, &scratch[0], slots)
+        bad = sagd_dense_backward(<sagd_sgemm_fn>sgemm, B, &G, &A, cp, n_cols, dAp, ldA, &W.t,
+                                  tb, tmW, tvW, tmb, tvb, &step.u, &bias_step.u, T,
+                                  &scratch[0], slots)
     return bad
 
 

@@ -195,7 +195,8 @@ def _fit_parts(spec, mb, tiles):
         "activations": 4 * mb * (spec.sizes[0] + sum(widths) + gelu),
         "layer gradients": 4 * mb * n_grad * (max(hidden) if hidden else 0),
         "gradient tiles": 4 * spec.scratch_floats(tiles, training=True),
-        "batch": mb * (BATCH_BYTES + 4 * spec.target_bytes),
+        # the per-sample bookkeeping, and the list of input columns the first layer reads
+        "batch": mb * (BATCH_BYTES + 4 * spec.target_bytes) + 4 * spec.sizes[0],
         "bookkeeping": BOOKKEEPING,
     }
     return {k: v for k, v in parts.items() if v or k == "weights"}

@@ -10,6 +10,10 @@ from .formats import bias_format, new_tensor
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "identity")
 #: stream of the initial values of a tensor (training steps use 0.. as micro-batch index)
 INIT_PASS = 0xFFFF
+#: In training, the first layer skips the input columns that are zero in the whole batch
+#: (images with empty borders, one-hot or count features) once at least this share of them
+#: is: below it, gathering the weights' other columns costs about what it saves.
+ZERO_COLUMNS_WORTH_SKIPPING = 1 / 8
 
 
 class Layer:
@@ -88,6 +92,7 @@ class Network:
         b.tile_rows = tuple(tile_rows)
         b.x = np.empty((rows, self.sizes[0]), np.float32)
         if training:
+            b.cols = np.empty(self.sizes[0], np.int32)
             b.acts = [np.empty((rows, n), np.float32) for n in self.sizes[1:]]
             b.zs = [np.empty((rows, n), np.float32) if gelu else None for n in hidden] + [None]
             n_grad = min(len(hidden), 2)
@@ -104,27 +109,41 @@ class Network:
 
     # ------------------------------------------------------------------ passes
 
+    def _drop_zero_columns(self, buf, m):
+        """buf.x[:m] without the columns that are zero in all m rows, when enough are (see
+        ZERO_COLUMNS_WORTH_SKIPPING): (packed input, its columns), or (buf.x[:m], None)."""
+        x = buf.x[:m]
+        n_in = x.shape[1]
+        n = _kernels.nonzero_columns(x, buf.cols)
+        if n > (1 - ZERO_COLUMNS_WORTH_SKIPPING) * n_in:
+            return x, None
+        if n == 0:                  # an all-zero batch still goes through one column
+            buf.cols[0], n = 0, 1
+        cols = buf.cols[:n]
+        return _kernels.pack_columns(x, cols), cols
+
     def forward_train(self, buf, m):
-        """Forward pass on buf.x[:m], keeping what the backward pass needs; returns the
-        output layer's (m, n_out) block (logits) and the count of pre-activations that
-        overflowed (NaN or inf)."""
-        a = buf.x[:m]
+        """Forward pass on buf.x[:m] (whose zero columns it may drop, in place), keeping
+        what the backward pass needs; returns the output layer's (m, n_out) block (logits)
+        and the count of pre-activations that overflowed (NaN or inf)."""
+        a, cols = self._drop_zero_columns(buf, m)
+        buf.input, buf.input_cols = a, cols
         bad = 0
         for layer, out, z, tile in zip(self.layers, buf.acts, buf.zs, buf.tile_rows):
             out = out[:m]
             bad += _kernels.dense_forward(a, layer.W, layer.b, z[:m] if z is not None else out,
-                                          out, layer.activation, tile, buf.scratch)
-            a = out
+                                          out, layer.activation, tile, buf.scratch, cols)
+            a, cols = out, None
         return a, bad
 
     def backward(self, buf, m, step, bias_step):
-        """Backward pass from the gradient in the output block, updating every layer;
-        returns the count of updates that were not finite."""
+        """Backward pass (after forward_train) from the gradient in the output block,
+        updating every layer; returns the count of updates that were not finite."""
         bad = 0
         g = buf.acts[-1][:m]
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
-            a_prev = buf.acts[i - 1][:m] if i > 0 else buf.x[:m]
+            a_prev = buf.acts[i - 1][:m] if i > 0 else buf.input
             dA = None
             if i > 0:
                 flat = buf.grads[(len(self.layers) - 1 - i) % len(buf.grads)]
@@ -132,7 +151,8 @@ class Network:
             s = layer.states
             bad += _kernels.dense_backward(g, a_prev, dA, layer.W, layer.b, s.get("mW"),
                                            s.get("vW"), s.get("mb"), s.get("vb"), step,
-                                           buf.tile_rows[i], buf.scratch, bias_step)
+                                           buf.tile_rows[i], buf.scratch, bias_step,
+                                           buf.input_cols if i == 0 else None)
             if i > 0:
                 prev = self.layers[i - 1]
                 z = buf.zs[i - 1]
@@ -159,6 +179,9 @@ class Buffers:
     rows = 0
     tile_rows = ()
     x = None
+    cols = None         # training: the input columns the first layer reads (int32)
+    input = None        # training: the first layer's input in this pass, and its columns
+    input_cols = None
     acts = None
     zs = None
     grads = None

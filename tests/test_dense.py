@@ -220,3 +220,95 @@ def test_layer_rejects_mismatched_shapes():
                                np.empty((B, N_OUT), np.float32),
                                np.empty((B, N_OUT), np.float32), "relu", 4,
                                np.empty(3, np.float32))
+
+
+# ------------------------------------------------------------------ input columns skipped
+
+ZERO_COLS = [0, 3, 4, 10]           # of N_IN = 11: zero in every row of the batch
+
+
+def input_with_zero_columns(seed):
+    a = np.random.default_rng(seed).standard_normal((B, N_IN)).astype(np.float32)
+    a[:, ZERO_COLS] = 0.0
+    a[0, 3] = -0.0                  # a negative zero adds nothing either
+    return a
+
+
+def test_nonzero_columns_and_packing():
+    a = input_with_zero_columns(20)
+    idx = np.full(N_IN, -1, np.int32)
+    n = _kernels.nonzero_columns(a, idx)
+    keep = [c for c in range(N_IN) if c not in ZERO_COLS]
+    assert idx[:n].tolist() == keep
+    packed = _kernels.pack_columns(a.copy(), idx[:n])
+    assert packed.shape == (B, len(keep))
+    assert np.array_equal(packed, a[:, keep])
+    assert _kernels.nonzero_columns(np.zeros((B, N_IN), np.float32), idx) == 0
+    with pytest.raises(ValueError, match="ascending"):
+        _kernels.pack_columns(a.copy(), np.array([2, 1], np.int32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tile", [1, 5, 13])
+def test_forward_on_nonzero_columns_matches_full_input(fmt, tile):
+    W, b = make_layer(fmt)
+    a = input_with_zero_columns(21)
+    cols = np.array([c for c in range(N_IN) if c not in ZERO_COLS], np.int32)
+    z = np.empty((B, N_OUT), np.float32)
+    out = np.empty_like(z)
+    scratch = np.empty(_kernels.forward_scratch_size(fmt, b.format, tile, N_IN, subset=True),
+                       np.float32)
+    _kernels.dense_forward(np.ascontiguousarray(a[:, cols]), W, b, z, out, "relu", tile,
+                           scratch, cols)
+    z_ref, out_ref = oracle.dense_forward(a, W.to_float(), b.to_float(), "relu")
+    np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tile", [1, 5, 13])
+def test_backward_on_nonzero_columns_matches_full_input(fmt, tile):
+    """The skipped columns get a zero gradient: Adam moves their weights exactly as the full
+    input does, bit for bit; the others agree with the full input's update."""
+    a = input_with_zero_columns(22)
+    g = np.random.default_rng(23).standard_normal((B, N_OUT)).astype(np.float32)
+    cols = np.array([c for c in range(N_IN) if c not in ZERO_COLS], np.int32)
+    results = []
+    for subset in (False, True):
+        W, b = make_layer(fmt, seed=24)
+        states = [new_tensor("bf16", s, i) for i, s in enumerate(
+            [(N_OUT, N_IN), (N_OUT, N_IN), (N_OUT,), (N_OUT,)], start=10)]
+        step = _kernels.Step("adam", lr=0.01, seed=5, stochastic=True)
+        scratch = np.empty(_kernels.backward_scratch_size(fmt, b.format, tile, N_IN),
+                           np.float32)
+        x = np.ascontiguousarray(a[:, cols]) if subset else a
+        bad = _kernels.dense_backward(g, x, None, W, b, states[0], states[1], states[2],
+                                      states[3], step, tile, scratch, None,
+                                      cols if subset else None)
+        assert bad == 0
+        results.append((W.to_float(), states[0].to_float(), states[1].to_float()))
+    (w_full, m_full, v_full), (w_sub, m_sub, v_sub) = results
+    assert np.array_equal(w_sub[:, ZERO_COLS], w_full[:, ZERO_COLS])
+    assert np.all(m_sub[:, ZERO_COLS] == 0) and np.all(v_sub[:, ZERO_COLS] == 0)
+    np.testing.assert_allclose(m_sub, m_full, rtol=2**-7, atol=1e-6)
+    np.testing.assert_allclose(v_sub, v_full, rtol=2**-7, atol=1e-9)
+    grid = {"fp32": 1e-6, "bf16": 2.0**-7, "fp16": 2.0**-10, "int8": 2.0**-6}[fmt]
+    assert np.all(np.abs(w_sub - w_full) <= grid * np.maximum(np.abs(w_full), 1e-2))
+
+
+def test_columns_subset_rejects_bad_lists_and_dA():
+    W, b = make_layer("bf16")
+    scratch = np.empty(_kernels.backward_scratch_size("bf16", "bf16", 4, N_IN), np.float32)
+    z = np.empty((B, N_OUT), np.float32)
+    cols = np.array([1, 2], np.int32)
+    with pytest.raises(ValueError, match="input has 3 columns, cols lists 2"):
+        _kernels.dense_forward(np.zeros((B, 3), np.float32), W, b, z, z, "relu", 4, scratch,
+                               cols)
+    with pytest.raises(ValueError, match="ascending column numbers in 0..10"):
+        _kernels.dense_forward(np.zeros((B, 2), np.float32), W, b, z, z, "relu", 4, scratch,
+                               np.array([1, 11], np.int32))
+    step = _kernels.Step("sgd", lr=0.1)
+    with pytest.raises(ValueError, match="dA cannot be computed"):
+        _kernels.dense_backward(np.zeros((B, N_OUT), np.float32), np.zeros((B, 2), np.float32),
+                                np.zeros((B, N_IN), np.float32), W, b, None, None, None, None,
+                                step, 4, scratch, None, cols)

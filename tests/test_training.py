@@ -48,3 +48,22 @@ def test_regression_on_diabetes_beats_the_mean():
     # (least squares reaches 0.64 of the mean's error on this split)
     assert mse < 0.75 * mse_mean
     assert m.score(Xd[te], (yd[te] - mu) / sd) > 0.25
+
+
+def test_skipping_zero_input_columns_trains_the_same_model(monkeypatch):
+    """The digits have columns that are zero in a whole batch (the image border): the first
+    layer skips them. fp32 with round-to-nearest shows the weights are those of the full
+    products, up to the order of the sums."""
+    from sagd import network
+
+    def train(share):
+        monkeypatch.setattr(network, "ZERO_COLUMNS_WORTH_SKIPPING", share)
+        return sagd.fit(X[TRAIN], Y[TRAIN], hidden=(32,), epochs=2, batch_size=32,
+                        weights="fp32", rounding="nearest", seed=0)
+
+    # every batch of 32 has at least 3 of the 64 columns zero (more than 1/64 of them)
+    assert (X != 0).any(axis=0).sum() <= 61
+    skipping, full = train(1 / 64), train(1.0)      # 1.0: never skip
+    for a, b in zip(skipping.network.layers, full.network.layers):
+        np.testing.assert_allclose(a.W.to_float(), b.W.to_float(), rtol=1e-3, atol=1e-4)
+    assert abs(skipping.score(X[TEST], Y[TEST]) - full.score(X[TEST], Y[TEST])) < 0.01
