@@ -174,7 +174,9 @@ size_t sagd_nonzero_columns(size_t rows, size_t cols, const float *x, size_t ld,
 void sagd_pack_columns(size_t rows, float *x, size_t ld, const int32_t *idx, size_t n);
 
 /* Floats of scratch one thread needs for a tile of tile_rows rows; subset: the layer reads
-   a subset of its input columns (fp32 weights are then gathered into scratch too). */
+   a subset of its input columns (fp32 weights are then gathered into scratch too, as they
+   are when a row stride of n_in would slow sgemm down). The backward slot has room for the
+   forward pass too: a training step runs both in the same scratch. */
 size_t sagd_forward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in, int subset);
 size_t sagd_backward_slot(int wfmt, int bfmt, size_t tile_rows, size_t n_in);
 
