@@ -350,6 +350,15 @@ def median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+def blas_owner(path):
+    """Whose copy of BLAS a library path is: numpy's and scipy's wheels each bundle one."""
+    folder = os.path.basename(os.path.dirname(path))
+    for package, note in (("numpy", "numpy's "), ("scipy", "scipy's (sagd's) ")):
+        if folder.startswith(package):
+            return note
+    return ""
+
+
 def machine():
     cpu = platform.processor()
     try:
@@ -362,11 +371,12 @@ def machine():
         pass
     import numpy as np
     import scipy
+    import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS, the one sagd calls)
     try:
         from threadpoolctl import threadpool_info
-        blas = "; ".join(f"{i['internal_api']} {i['version']} ({i['filepath'].split('/')[-1]},"
-                         f" {i['num_threads']} threads)" for i in threadpool_info()
-                         if i["user_api"] == "blas")
+        blas = "; ".join(f"{blas_owner(i['filepath'])}{i['internal_api']} {i['version']} "
+                         f"({os.path.basename(i['filepath'])}, {i['num_threads']} threads)"
+                         for i in threadpool_info() if i["user_api"] == "blas")
     except ImportError:
         blas = "unknown (threadpoolctl not installed)"
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
