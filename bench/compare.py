@@ -49,10 +49,15 @@ def peak_rss_mb():
 
 
 def dir_size_mb(*paths):
+    """Size of package folders as installed: a source checkout's Cython sources (.pyx, .pxd,
+    and the .c generated next to a .pyx) are not part of an install, so they do not count."""
     total = 0
     for p in paths:
         for root, _, files in os.walk(p):
             for f in files:
+                stem, ext = os.path.splitext(f)
+                if ext in (".pyx", ".pxd") or (ext == ".c" and stem + ".pyx" in files):
+                    continue
                 try:
                     total += os.path.getsize(os.path.join(root, f))
                 except OSError:
@@ -384,6 +389,26 @@ def machine():
             f"scipy {scipy.__version__}; BLAS: {blas}")
 
 
+def load_average():
+    """The 1-minute load average, or None where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def warn_if_busy(threads):
+    """Say so when other work holds the cores: the turns cancel out a machine that is slower
+    for everyone, but not other work on a core one library's threads need (a 2-thread
+    OpenBLAS call waits for its slower thread), so the ratios then mislead."""
+    load = load_average()
+    if load is not None and load > (os.cpu_count() or 1) - threads + 1:
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores before the start; "
+              "other work on the cores skews the ratios, not only the seconds",
+              file=sys.stderr, flush=True)
+    return load
+
+
 PREDICT_TURNS = 5
 
 
@@ -397,13 +422,18 @@ def paired(runs, ref_runs, key, invert=False):
     return median(ratios) if ratios else None
 
 
+def plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def table(results, args):
     """results: name -> list of per-round result dicts (or a skip / error note)."""
     rounds = {name: r for name, r in results.items() if isinstance(r, list)}
     torch, gemm = rounds.get("PyTorch fp32"), rounds.get("sgemm only (numpy)")
     lines = [f"MNIST 60k/10k, {'-'.join(map(str, (784,) + HIDDEN + (10,)))}, Adam lr {LR}, "
-             f"batch {BATCH}, {args.epochs} epochs, {args.threads} threads, seed {args.seed}; "
-             f"sagd budget {args.budget}; {args.rounds} round(s). Each library in a process "
+             f"batch {BATCH}, {plural(args.epochs, 'epoch')}, {plural(args.threads, 'thread')}, "
+             f"seed {args.seed}; "
+             f"sagd budget {args.budget}; {plural(args.rounds, 'round')}. Each library in a process "
              "of its own; the processes took turns (one epoch, then one prediction of the "
              "test set, in an order reversed every turn), and each ratio is the median over "
              "turns of the ratio within a turn. Predict: samples/s of the median call.", "",
@@ -469,28 +499,47 @@ def run_round(names, args):
     return {w.name: w.finish() for w in workers}
 
 
+def write_atomically(path, text):
+    """Write text to path through a temporary file beside it: a failed write leaves the
+    previous file as it was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3, help="epochs each library trains (%(default)s)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the whole comparison with fresh processes")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", default="32MB")
-    p.add_argument("--only", nargs="*", help="run only these (names as in the table)")
+                   help="repeat the whole comparison with fresh processes (%(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="threads every library uses (%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sagd's model and data order (%(default)s)")
+    p.add_argument("--budget", default="32MB", help="sagd's memory budget (%(default)s)")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these, by name: " + ", ".join(f'"{n}"' for n in WORKERS))
     p.add_argument("--out", help="also write the table to this markdown file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         serve(args)
         return
-    if args.epochs < 1 or args.rounds < 1:
-        p.error("--epochs and --rounds must be at least 1")
+    if args.epochs < 1 or args.rounds < 1 or args.threads < 1:
+        p.error("--epochs, --rounds and --threads must be at least 1")
+    from sagd.budget import parse_budget
+    try:
+        parse_budget(args.budget, "--budget")
+    except ValueError as e:
+        p.error(str(e))
     results, names = {}, []
     unknown = set(args.only or ()) - set(WORKERS)
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}; the names are {list(WORKERS)}")
+    load = warn_if_busy(args.threads)
     for name in WORKERS:
         if args.only and name not in args.only:
             continue
@@ -505,11 +554,20 @@ def main():
             if isinstance(earlier, list):       # else it failed in an earlier round
                 results[name] = r if "error" in r else earlier + [r]
     results = {name: results[name] for name in WORKERS if name in results}
-    text = "machine: " + machine() + "\n\n" + table(results, args)
+    loads = [f"{x:.1f}" for x in (load, load_average()) if x is not None]
+    text = ("machine: " + machine()
+            + (f"; load average {' before, '.join(loads)} after" if len(loads) == 2 else "")
+            + "\n\n" + table(results, args))
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    rows = [name for name, r in results.items() if isinstance(r, list)]
+    failed = [name for name, r in results.items() if "error" in r]
+    if args.out and rows:
+        write_atomically(args.out, text + "\n")
+    if not rows or failed:
+        print("error: " + (f"failed: {', '.join(failed)}" if failed else "no library ran")
+              + ("" if rows or not args.out else f"; {args.out} left as it was"),
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

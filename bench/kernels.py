@@ -5,12 +5,12 @@ same three sgemm products done by numpy. Prints a markdown table.
     python bench/kernels.py [--repeats 15]
 """
 import argparse
-import platform
 import time
 
 import numpy as np
 
 import sagd
+from compare import machine
 from sagd import _kernels, blas
 from sagd.formats import bias_format, new_tensor
 
@@ -100,12 +100,16 @@ def dense(repeats, batch=128, n=1024):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repeats", type=int, default=15)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=15,
+                   help="timed turns per kernel; medians are reported (%(default)s)")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     n, rows = rounding(args.repeats)
-    print(f"machine: {platform.machine()}, {_kernels.get_num_threads()} sagd threads, "
-          f"SIMD {_kernels.current_simd()}, numpy {np.__version__}, sagd {sagd.__version__}\n")
+    print(f"machine: {machine()}; {_kernels.get_num_threads()} sagd threads, "
+          f"SIMD {_kernels.current_simd()}, sagd {sagd.__version__}\n")
     print(f"Rounding {n:,} float32 values (median of {args.repeats}, interleaved)\n")
     print("| kernel | Gelem/s | time / numpy copy |\n|---|---:|---:|")
     for name, rate, ratio in rows:
