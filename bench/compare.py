@@ -554,9 +554,8 @@ def main():
             if isinstance(earlier, list):       # else it failed in an earlier round
                 results[name] = r if "error" in r else earlier + [r]
     results = {name: results[name] for name in WORKERS if name in results}
-    loads = [f"{x:.1f}" for x in (load, load_average()) if x is not None]
     text = ("machine: " + machine()
-            + (f"; load average {' before, '.join(loads)} after" if len(loads) == 2 else "")
+            + (f"; load average {load:.1f} at the start" if load is not None else "")
             + "\n\n" + table(results, args))
     print(text)
     rows = [name for name, r in results.items() if isinstance(r, list)]
