@@ -499,19 +499,6 @@ def run_round(names, args):
     return {w.name: w.finish() for w in workers}
 
 
-def write_atomically(path, text):
-    """Write text to path through a temporary file beside it: a failed write leaves the
-    previous file as it was."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=3, help="epochs each library trains (%(default)s)")
@@ -561,7 +548,8 @@ def main():
     rows = [name for name, r in results.items() if isinstance(r, list)]
     failed = [name for name, r in results.items() if "error" in r]
     if args.out and rows:
-        write_atomically(args.out, text + "\n")
+        from sagd.files import write_atomically
+        write_atomically(args.out, lambda f: f.write(text + "\n"), mode="w")
     if not rows or failed:
         print("error: " + (f"failed: {', '.join(failed)}" if failed else "no library ran")
               + ("" if rows or not args.out else f"; {args.out} left as it was"),

@@ -108,19 +108,27 @@ def from_bytes(data):
 
 
 def save(model, path):
-    """Write model to path atomically: a temporary file in the same folder, flushed to
-    disk, then renamed over path. A failure leaves any previous file untouched."""
+    """Write model to path atomically (see write_atomically): a failure leaves any previous
+    file untouched."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot save to {path}: it is a directory; give a file name")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save to {path}: the folder {folder} does not exist")
+    write_atomically(path, lambda f: _write(model, f))
+
+
+def write_atomically(path, write, mode="wb"):
+    """write(f) into a temporary file in path's folder, flushed to disk, then renamed over
+    path: a failure at any point leaves any previous file at path untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            _write(model, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
